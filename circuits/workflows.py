@@ -1,0 +1,124 @@
+"""The end-to-end steps the CLI and the demo run: harvest + train, and evaluate, on a real model.
+
+Each step is an ordinary function taking a loaded model, so notebooks can call them too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from circuits.evaluation import evaluate_dictionaries
+from circuits.models import model_name_of
+from sae.activation_store import ActivationStore, harvest_activations, validate_hooks
+from sae.assets import atomic_write_text
+from sae.config import DictionaryConfig
+from sae.corpus import Corpus, tokenize_contexts
+from sae.training import TrainingConfig, TrainResult, train_dictionaries
+
+
+@dataclass
+class TrainRequest:
+    """What `sparse-circuits train` asks for."""
+
+    hooks: list[str]
+    tokens: int = 2_000_000  # activations harvested (unique training tokens)
+    architecture: str = "standard"  # "standard" (ReLU + L1) or "topk"
+    expansion: int = 4  # dictionary size ratio R = d_sae / d_in
+    l1_coefficients: list[float] = field(default_factory=lambda: [1e-3])
+    k_values: list[int] = field(default_factory=lambda: [32])
+    tied: bool = True
+    epochs: float = 1.0  # training tokens = epochs * tokens
+    context_size: int = 128
+    batch_size: int = 4096
+    lr: float = 1e-3
+    store_dtype: str = "float16"
+    harvest_batch_size: int = 16
+    seed: int = 0
+    checkpoint_every: int = 200
+    resample_dead: bool = False
+    resample_every: int = 2000
+
+    def dictionary_configs(self, d_in_of, model_name: str) -> list[DictionaryConfig]:
+        """One config per (hook, L1 coefficient or k); `d_in_of(hook)` gives each hook's width."""
+        configs = []
+        for hook in self.hooks:
+            d_in = d_in_of(hook)
+            for setting in (self.l1_coefficients if self.architecture == "standard" else self.k_values):
+                configs.append(DictionaryConfig(
+                    architecture=self.architecture, d_in=d_in, d_sae=self.expansion * d_in, hook_name=hook,
+                    model_name=model_name, tied=self.tied, seed=self.seed,
+                    l1_coefficient=float(setting) if self.architecture == "standard" else 0.0,
+                    k=int(setting) if self.architecture == "topk" else None,
+                ))
+        return configs
+
+
+def contexts_for_tokens(tokens: int, context_size: int, exclude_bos: bool = True) -> int:
+    """How many contexts give at least `tokens` activations (BOS positions are not stored)."""
+    per_context = context_size - (1 if exclude_bos else 0)
+    return max(1, math.ceil(tokens / per_context))
+
+
+def harvest_for_training(model, corpus: Corpus, request: TrainRequest, store_dir: Path, progress: bool = True
+                         ) -> ActivationStore:
+    """Tokenize the train split and harvest every requested hook in one pass (resumes)."""
+    validate_hooks(model, request.hooks)
+    n_contexts = contexts_for_tokens(request.tokens, request.context_size)
+    contexts = tokenize_contexts(corpus, model.tokenizer, request.context_size, n_contexts, split="train",
+                                 seed=request.seed)
+    if contexts.shape[0] < n_contexts and progress:
+        print(f"note: the corpus train split gave {contexts.shape[0]} contexts, fewer than the {n_contexts} "
+              "asked for; training on all of it")
+    return harvest_activations(model, contexts, request.hooks, store_dir, dtype=request.store_dtype,
+                               batch_size=request.harvest_batch_size, model_name=model_name_of(model),
+                               metadata={"corpus": corpus.describe(), "seed": request.seed}, progress=progress)
+
+
+def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | Path, progress: bool = True
+                   ) -> list[TrainResult]:
+    """Harvest activations at `request.hooks`, then train every requested SAE from that one harvest."""
+    out_dir = Path(out_dir)
+    store = harvest_for_training(model, corpus, request, out_dir / "activations", progress)
+    training = TrainingConfig(
+        total_tokens=int(request.epochs * store.n_tokens), batch_size=request.batch_size, lr=request.lr,
+        seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
+        resample_dead=request.resample_dead, resample_every=request.resample_every,
+        lr_warmup_steps=min(100, max(1, int(0.05 * request.epochs * store.n_tokens / request.batch_size))),
+        dead_window_tokens=min(10_000_000, store.n_tokens),
+    )
+    if training.total_tokens < request.batch_size:
+        raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "
+                         f"{request.batch_size}; ask for more --tokens or a smaller --batch-size")
+    configs = request.dictionary_configs(store.d_in, model_name_of(model))
+    return train_dictionaries(store, configs, training, out_dir, progress=progress)
+
+
+def hook_width(model, hook: str) -> int | None:
+    """The activation width at a residual-stream-sized hook (d_model), None when not known without running."""
+    if hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")):
+        return model.cfg.d_model
+    return None
+
+
+def evaluate_folders(model, folders: list[Path], corpus: Corpus, tokens: int, context_size: int = 128,
+                     batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Evaluate saved dictionaries on held-out text; writes `eval.json` into each folder."""
+    from sae.io import load_dictionary, read_dictionary_config
+
+    dictionaries = []
+    for folder in folders:
+        dictionary = load_dictionary(folder, expected_d_in=hook_width(model, read_dictionary_config(folder).hook_name))
+        validate_hooks(model, [dictionary.cfg.hook_name])
+        dictionaries.append(dictionary)
+    contexts = tokenize_contexts(corpus, model.tokenizer, context_size,
+                                 contexts_for_tokens(tokens, context_size), split="eval", seed=seed)
+    results = evaluate_dictionaries(model, dictionaries, contexts, batch_size=batch_size, progress=progress)
+    for folder, result in zip(folders, results):
+        result["folder"] = str(folder)
+        atomic_write_text(Path(folder) / "eval.json", json.dumps(result, indent=2) + "\n")
+    return results

@@ -1,0 +1,230 @@
+"""Saving and loading dictionaries as SAELens-style folders: `sae_weights.safetensors` + `cfg.json`.
+
+Loading checks everything it can before building a module: both files present, cfg.json parses,
+the safetensors header is whole and its tensor shapes agree with cfg.json (and with the width the
+caller expects). A broken file is reported as `DictionaryFileError`, never a raw parser panic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from sae.assets import atomic_write_bytes, atomic_write_text
+from sae.config import DictionaryConfig
+from sae.dictionary import Dictionary
+from sae.registry import build_dictionary
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE = "cfg.json"
+WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+# Bytes per element of each safetensors dtype code.
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class DictionaryFileError(ValueError):
+    """A dictionary file is missing, truncated or inconsistent; the message says which and what to do."""
+
+
+class MissingDictionaryFileError(DictionaryFileError, FileNotFoundError):
+    """The folder or one of its two files does not exist."""
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files
+
+
+def write_tensor_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write tensors as safetensors atomically (temp file, then rename)."""
+    atomic_write_bytes(Path(path), save_safetensors_bytes(tensors))
+
+
+def _broken(path: Path, why: str) -> DictionaryFileError:
+    return DictionaryFileError(f"{path} is truncated or not a safetensors file ({why}); re-save or re-download it")
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype code, shape)} from the header alone, after checking the file is whole."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise _broken(path, f"only {size} bytes")
+        (header_bytes,) = struct.unpack("<Q", prefix)
+        if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
+            raise _broken(path, f"header of {header_bytes} bytes in a {size}-byte file")
+        try:
+            header = json.loads(stream.read(header_bytes).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _broken(path, f"unreadable header: {error}") from error
+    if not isinstance(header, dict):
+        raise _broken(path, "header is not a JSON object")
+    data_bytes = size - 8 - header_bytes
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _check_header_entry(path, name, entry, data_bytes)
+    return entries
+
+
+def _check_header_entry(path: Path, name: str, entry, data_bytes: int) -> tuple[str, list[int]]:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+    except (TypeError, KeyError, ValueError) as error:
+        raise _broken(path, f"malformed entry for '{name}'") from error
+    if dtype not in _DTYPE_SIZES:
+        raise _broken(path, f"'{name}' has unknown dtype {dtype!r}")
+    expected = math.prod(shape) * _DTYPE_SIZES[dtype]
+    if end - begin != expected or begin < 0:
+        raise _broken(path, f"'{name}' spans {end - begin} bytes but shape {shape} needs {expected}")
+    if end > data_bytes:
+        raise _broken(path, f"'{name}' ends at byte {end} of the data but only {data_bytes} bytes are there")
+    return dtype, shape
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (checked first), as CPU tensors."""
+    path = Path(path)
+    read_safetensors_header(path)
+    try:
+        return load_safetensors_bytes(path.read_bytes())
+    except BaseException as error:  # the Rust parser may raise a PanicException (a BaseException)
+        if isinstance(error, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise _broken(path, f"{type(error).__name__}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# dictionary folders
+
+
+def save_dictionary(dictionary: Dictionary, folder: str | Path) -> Path:
+    """Write `folder/sae_weights.safetensors` (float32) and `folder/cfg.json`, each atomically."""
+    missing = [name for name in WEIGHT_NAMES if not hasattr(dictionary, name)]
+    if missing:
+        raise TypeError(f"{type(dictionary).__name__} has no {missing}; only SAE-layout dictionaries can be saved")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: getattr(dictionary, name).detach().to("cpu", torch.float32).contiguous().clone()
+               for name in WEIGHT_NAMES}
+    write_tensor_file(tensors, folder / WEIGHTS_FILE)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(dictionary.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def read_dictionary_config(folder: str | Path) -> DictionaryConfig:
+    """The cfg.json of a dictionary folder, with a clear error if the folder or file is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingDictionaryFileError(f"dictionary folder {folder} does not exist; "
+                                         "train one or check the path")
+    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise MissingDictionaryFileError(f"dictionary folder {folder} has no {' and no '.join(missing)}; "
+                                         f"a dictionary folder needs both {WEIGHTS_FILE} and {CONFIG_FILE}")
+    try:
+        return DictionaryConfig.load(folder / CONFIG_FILE)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise DictionaryFileError(f"{folder / CONFIG_FILE} is not a valid dictionary config: {error}") from error
+
+
+def _expected_shapes(cfg: DictionaryConfig) -> dict[str, list[int]]:
+    return {"W_enc": [cfg.d_in, cfg.d_sae], "b_enc": [cfg.d_sae], "W_dec": [cfg.d_sae, cfg.d_in], "b_dec": [cfg.d_in]}
+
+
+def _check_weight_shapes(path: Path, cfg: DictionaryConfig, header: dict[str, tuple[str, list[int]]]) -> None:
+    required = [name for name in WEIGHT_NAMES if not (cfg.tied and name == "W_enc")]
+    absent = [name for name in required if name not in header]
+    if absent:
+        raise DictionaryFileError(f"{path} has no tensor(s) {absent}; a dictionary needs {list(WEIGHT_NAMES)}")
+    for name, shape in _expected_shapes(cfg).items():
+        if name in header and header[name][1] != shape:
+            raise DictionaryFileError(
+                f"{path}: {name} has shape {header[name][1]} but cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae}) "
+                f"needs {shape}; the weights and cfg.json belong to different dictionaries")
+    ignored = sorted(set(header) - set(WEIGHT_NAMES))
+    if ignored:
+        warnings.warn(f"{path}: ignoring tensors this library does not use: {ignored}", stacklevel=3)
+
+
+def _check_expected_width(folder: Path, cfg: DictionaryConfig, expected_d_in: int | None) -> None:
+    if expected_d_in is not None and expected_d_in != cfg.d_in:
+        raise ValueError(
+            f"dictionary {folder} for hook '{cfg.hook_name}' (model '{cfg.model_name}') has d_in={cfg.d_in}, "
+            f"but the activations there have width {expected_d_in}; load a dictionary trained on this "
+            "model and hook point, or train one")
+
+
+def _warn_unsupported_options(folder: Path) -> None:
+    """SAELens options that change encode/decode beyond the weights; we do not apply them."""
+    raw = json.loads((folder / CONFIG_FILE).read_text())
+    normalisation = raw.get("normalize_activations") or "none"
+    if normalisation != "none":
+        warnings.warn(f"{folder}: cfg.json asks for normalize_activations={normalisation!r}, which is not applied "
+                      "here; inputs are used as they are", stacklevel=3)
+
+
+def load_dictionary(folder: str | Path, expected_d_in: int | None = None, device: str | torch.device = "cpu"
+                    ) -> Dictionary:
+    """A dictionary from a folder written by `save_dictionary` or by SAELens."""
+    folder = Path(folder)
+    cfg = read_dictionary_config(folder)
+    _check_expected_width(folder, cfg, expected_d_in)
+    weights_path = folder / WEIGHTS_FILE
+    _check_weight_shapes(weights_path, cfg, read_safetensors_header(weights_path))
+    _warn_unsupported_options(folder)
+    tensors = read_tensor_file(weights_path)
+    dictionary = build_dictionary(cfg)
+    state = {name: tensors[name].to(torch.float32) for name in WEIGHT_NAMES if name in tensors}
+    if cfg.tied:
+        encoder = state.pop("W_enc", None)
+        if encoder is not None and not torch.equal(encoder, state["W_dec"].T):
+            raise DictionaryFileError(f"{weights_path}: cfg.json says tied but W_enc is not W_dec.T; "
+                                      "set \"tied\": false in cfg.json")
+    dictionary.load_state_dict(state, strict=True)
+    return dictionary.to(device=device, dtype=_torch_dtype(cfg.dtype)).eval()
+
+
+def find_dictionary_folders(parent: str | Path) -> list[Path]:
+    """`parent` itself if it is a dictionary folder, else every folder below it holding a cfg.json."""
+    parent = Path(parent)
+    if (parent / CONFIG_FILE).is_file():
+        return [parent]
+    if not parent.is_dir():
+        raise MissingDictionaryFileError(f"{parent} does not exist; expected a dictionary folder or a parent of some")
+    return sorted(path.parent for path in parent.rglob(CONFIG_FILE)
+                  if not any(part.startswith(".") or part == "checkpoints" for part in path.relative_to(parent).parts))
+
+
+def load_dictionaries(folder_or_parent: str | Path, device: str | torch.device = "cpu") -> dict[str, Dictionary]:
+    """{hook_name: dictionary} for every dictionary folder at or under the path."""
+    folders = find_dictionary_folders(folder_or_parent)
+    if not folders:
+        raise MissingDictionaryFileError(f"no dictionary folders (with {CONFIG_FILE}) under {folder_or_parent}")
+    dictionaries: dict[str, Dictionary] = {}
+    origins: dict[str, Path] = {}
+    for folder in folders:
+        dictionary = load_dictionary(folder, device=device)
+        hook = dictionary.cfg.hook_name
+        if hook in dictionaries:
+            raise ValueError(f"two dictionaries for hook '{hook}': {origins[hook]} and {folder}; "
+                             "load them one by one with load_dictionary")
+        dictionaries[hook], origins[hook] = dictionary, folder
+    return dictionaries

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny randomly initialised GPT-2 and Llama models (built here, no download)
+behind a word-level tokenizer, loaded through the same `load_model(folder)` path as real models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = (
+    "the a an and to of in on at with for was is it he she they his her them there this that "
+    "went store park school office house garden gave give drink book ball gift letter apple ring "
+    "when then after while had did said made took got saw met "
+    "Mary John Tom Anna James Sarah David Emma Paul Lisa Mark Alice Bob Kate Peter Rose "
+    "male female man woman boy girl name my I am . , ! ?"
+).split()
+SPECIALS = ["<unk>", "<bos>", "<eos>"]
+
+
+def build_word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<eos>")
+
+
+def save_tiny_model(folder: Path, architecture: str, seed: int = 0, n_layers: int = 4, d_model: int = 32) -> Path:
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tokenizer = build_word_tokenizer()
+    vocab = len(tokenizer)
+    if architecture == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                             num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, tie_word_embeddings=True,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    elif architecture == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=128,
+                            bos_token_id=1, eos_token_id=2)
+    else:
+        raise ValueError(architecture)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_folder(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_folder):
+    from circuits.models import load_model
+
+    return load_model(str(tiny_llama_folder), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_folder):
+    from circuits.models import load_model
+
+    return load_model(str(tiny_gpt2_folder), device="cpu")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tiny_llama, tiny_gpt2):
+    return tiny_llama if request.param == "llama" else tiny_gpt2
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The real default model (SmolLM2-135M); fetched into the cache on first use."""
+    from circuits.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_the_model_size(request):
+    """Tiny models run fastest on one thread (no spin-waiting); the real model uses the cores."""
+    wanted = min(4, os.cpu_count() or 1) if request.node.get_closest_marker("integration") else 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,54 @@
+"""Spliced-model evaluation: exact reconstructions recover all, empty ones recover nothing."""
+
+import pytest
+import torch
+
+from circuits.evaluation import evaluate_dictionaries
+from sae.baselines import identity_basis
+from sae.config import DictionaryConfig
+from sae.relu import ReluSAE
+
+
+def _contexts(n=6, ctx=10):
+    tokens = torch.randint(3, 60, (n, ctx), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    return tokens
+
+
+def test_an_exact_dictionary_changes_nothing(tiny_model):
+    hook = "blocks.1.hook_resid_post"
+    exact = identity_basis(tiny_model.cfg.d_model, hook_name=hook)
+    [result] = evaluate_dictionaries(tiny_model, [exact], _contexts(), batch_size=4, progress=False)
+    assert result["fvu"] < 1e-10
+    assert result["ce_loss_spliced"] == pytest.approx(result["ce_loss_clean"], abs=1e-5)
+    assert result["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert result["l0"] == pytest.approx(tiny_model.cfg.d_model, rel=0.05)  # one of +/- e_i per dimension
+
+
+def test_a_dictionary_that_outputs_zero_is_zero_ablation(tiny_llama):
+    hook = "blocks.2.hook_resid_post"
+    cfg = DictionaryConfig("standard", d_in=tiny_llama.cfg.d_model, d_sae=8, hook_name=hook, apply_b_dec_to_input=False)
+    empty = ReluSAE(cfg)
+    with torch.no_grad():
+        empty.b_enc.fill_(-1e6)  # nothing ever fires
+    [result] = evaluate_dictionaries(tiny_llama, [empty], _contexts(), batch_size=4, progress=False)
+    assert result["ce_loss_spliced"] == pytest.approx(result["ce_loss_zero_ablated"], abs=1e-5)
+    assert result["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-3)
+    assert result["l0"] == 0 and result["dead_fraction"] == 1.0
+    assert result["fvu"] > 0.5 and result["kl"] > 0
+
+
+def test_bos_position_is_left_alone_by_default(tiny_llama):
+    hook = "blocks.0.hook_resid_post"
+    seen = []
+    cfg = DictionaryConfig("standard", d_in=tiny_llama.cfg.d_model, d_sae=4, hook_name=hook)
+
+    class Recorder(ReluSAE):
+        def forward(self, x):
+            seen.append(x.shape)
+            return super().forward(x)
+
+    evaluate_dictionaries(tiny_llama, [Recorder(cfg)], _contexts(n=2, ctx=7), batch_size=2, progress=False)
+    assert seen[0] == (2 * 6, tiny_llama.cfg.d_model)  # activation metrics: BOS rows excluded
+    assert seen[1][1] == 6  # the spliced run replaces positions 1.. only
