@@ -170,7 +170,8 @@ def _fit_neurons(activations: torch.Tensor, n_components: int | None = None, *, 
                  hook_name: str = "", model_name: str = "") -> ReluSAE:
     rows = _as_rows(activations)
     if n_components not in (None, rows.shape[1]):
-        raise ValueError(f"the neuron basis always has d_in={rows.shape[1]} directions, got n_components={n_components}")
+        raise ValueError(f"the neuron basis always has d_in={rows.shape[1]} directions, "
+                         f"got n_components={n_components}")
     return identity_basis(rows.shape[1], _mean(rows), hook_name=hook_name, model_name=model_name)
 
 

@@ -22,6 +22,14 @@ def random_unit_rows(n_rows: int, width: int, seed: int) -> torch.Tensor:
     return rows / rows.norm(dim=1, keepdim=True)
 
 
+def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight + bias for x [..., n], in one fused matmul (no separate pass to add the bias)."""
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+    return flat.reshape(*x.shape[:-1], weight.shape[1])
+
+
 class ReluSAE(Dictionary):
     """ReLU sparse autoencoder, tied or untied; baselines (PCA, ICA, ...) reuse it with fixed weights."""
 
@@ -42,9 +50,13 @@ class ReluSAE(Dictionary):
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae] encoder outputs before the nonlinearity."""
+        bias = self.b_enc
         if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+            # Equal to (x - b_dec) @ W_enc + b_enc. b_dec's gradient enters through a term whose value is
+            # exactly zero, so training skips a [batch, d_in] matmul that autograd would only sum over.
+            bias = bias + (self.b_dec.detach() - self.b_dec) @ self.W_enc.detach()
+            x = x - self.b_dec.detach()
+        return affine(x, self.W_enc, bias)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
@@ -53,7 +65,7 @@ class ReluSAE(Dictionary):
         return self.activation(self.pre_activations(x))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec
+        return affine(codes, self.W_dec, self.b_dec)
 
     @property
     def feature_directions(self) -> torch.Tensor:

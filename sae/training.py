@@ -5,13 +5,18 @@ batch (batch 0 of the seed), and every SAE on that hook trains on x / s, so one 
 learning rate mean the same thing at every layer and model. In that normalised space:
 
     ReLU SAE:  loss = mean_batch ||x_hat - x||^2 / d_in  +  alpha * mean_batch ||codes||_1
-    TopK SAE:  loss = mean_batch ||x_hat - x||^2 / d_in  (+ aux_k_coefficient * AuxK loss on dead latents)
+    TopK SAE:  loss = mean_batch ||x_hat - x||^2 / d_in  +  aux_k_coefficient * AuxK
 
 with decoder rows held at unit norm (the gradient along each row is removed before the Adam step and
-rows are renormalised after it), so the L1 penalty cannot be dodged by shrinking codes. When training
-ends, s is folded into the weights (b_enc and b_dec multiplied by s; W_enc, W_dec unchanged), so a saved
-SAE takes raw activations and reconstructs them exactly as the normalised one did, its codes being s
-times larger; s is recorded in cfg.activation_scale. Logged mse and l1 are in the normalised space.
+rows are renormalised after it), so the L1 penalty cannot be dodged by shrinking codes. alpha ramps up
+linearly over l1_warmup_steps; the learning rate warms up, then decays linearly to 0 at the end.
+AuxK (Gao et al. 2024; only while some latents are dead) = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2,
+where e = x - x_hat (detached) and e_hat is e reconstructed from the d_in/2 largest dead latents alone.
+
+When training ends, s is folded into the weights (b_enc and b_dec multiplied by s; W_enc, W_dec
+unchanged), so a saved SAE takes raw activations and reconstructs them exactly as the normalised one
+did, its codes being s times larger; s is recorded in cfg.activation_scale. Logged mse and l1 are in
+the normalised space; fvu does not depend on s.
 
 Checkpoints (parameters, Adam moments, dead-feature counters, in safetensors) make a resumed run equal
 bit for bit to an uninterrupted one, since batch i of the source is the same whichever step started.
@@ -46,7 +51,7 @@ from sae.topk import TopKSAE
 
 CHECKPOINT_FOLDER = "checkpoints"
 LOG_FILE = "training_log.csv"
-LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l1", "l0", "fvu", "dead_fraction", "lr"]
+LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l1", "l0", "fvu", "dead_fraction", "lr", "dense_fraction"]
 CHECKPOINTS_KEPT = 2
 RESAMPLED_ENCODER_NORM = 0.2  # a resampled encoder column's norm, relative to the mean alive one
 
@@ -69,10 +74,23 @@ class TrainingConfig:
     resample_dead: bool = False  # give dead features new directions (Bricken et al. 2023)
     resample_every: int = 25_000  # steps; never during the final learning-rate decay
     aux_k_coefficient: float = 1 / 32  # TopK only; 0 disables AuxK
-    dense_threshold: float = 0.1
+    dense_threshold: float = 0.1  # logged dense_fraction: features firing on more than this fraction of a batch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.total_tokens < 1:
+            raise ValueError(f"total_tokens and batch_size must be positive, got total_tokens={self.total_tokens}, "
+                             f"batch_size={self.batch_size}")
+        if not 0.0 <= self.lr_decay_fraction <= 1.0:
+            raise ValueError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
+        for name in ("log_every", "resample_every", "dead_window_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1 or None, got {self.checkpoint_every}")
 
     @property
     def total_steps(self) -> int:
+        """total_tokens // batch_size, at least one step."""
         return max(1, self.total_tokens // self.batch_size)
 
     @property
@@ -221,7 +239,7 @@ def aux_k_loss(sae: ReluSAE, pre: torch.Tensor, residual: torch.Tensor, dead: to
 class _StepOutput:
     loss: torch.Tensor
     mse: torch.Tensor
-    l1: torch.Tensor
+    l1: torch.Tensor | None
     codes: torch.Tensor
     residual: torch.Tensor  # x - x_hat, detached
 
@@ -232,7 +250,7 @@ def _training_step(trainee: _Trainee, x: torch.Tensor, step: int, training: Trai
     codes = sae.activation(pre)
     residual = x - sae.decode(codes)
     mse = residual.pow(2).mean()  # = mean_batch ||x_hat - x||^2 / d_in
-    l1 = codes.sum(dim=-1).mean()  # codes are nonnegative
+    l1 = None  # TopK: computed only when logged
     if isinstance(sae, TopKSAE):
         loss = mse
         if training.aux_k_coefficient > 0:
@@ -240,6 +258,7 @@ def _training_step(trainee: _Trainee, x: torch.Tensor, step: int, training: Trai
             if bool(dead.any()):
                 loss = loss + training.aux_k_coefficient * aux_k_loss(sae, pre, residual.detach(), dead)
     else:
+        l1 = codes.sum(dim=-1).mean()  # codes are nonnegative
         loss = mse + training.l1_coefficient(cfg.l1_coefficient, step) * l1
 
     lr = training.learning_rate(step)
@@ -254,7 +273,8 @@ def _training_step(trainee: _Trainee, x: torch.Tensor, step: int, training: Trai
     with torch.no_grad():
         trainee.tokens_since_fired += x.shape[0]
         trainee.tokens_since_fired.masked_fill_((codes > 0).any(dim=0), 0)
-    return _StepOutput(loss.detach(), mse.detach(), l1.detach(), codes.detach(), residual.detach())
+    return _StepOutput(loss.detach(), mse.detach(), None if l1 is None else l1.detach(), codes.detach(),
+                       residual.detach())
 
 
 @torch.no_grad()
@@ -263,9 +283,11 @@ def _log_row(trainee: _Trainee, x: torch.Tensor, out: _StepOutput, step: int, tr
     fvu = out.residual.pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
     dead = (trainee.tokens_since_fired >= training.dead_window_tokens).float().mean()
     l0 = (out.codes != 0).sum(dim=-1).float().mean()
-    values = torch.stack([out.loss, out.mse, out.l1, l0, fvu, dead]).tolist()
+    dense = ((out.codes != 0).float().mean(dim=0) > training.dense_threshold).float().mean()  # in this batch
+    l1 = out.l1 if out.l1 is not None else out.codes.sum(dim=-1).mean()
+    values = torch.stack([out.loss, out.mse, l1, l0, fvu, dead, dense]).tolist()
     row = {"step": step, "tokens": step * training.batch_size}
-    row.update(zip(["loss", "mse", "l1", "l0", "fvu", "dead_fraction"], values))
+    row.update(zip(["loss", "mse", "l1", "l0", "fvu", "dead_fraction", "dense_fraction"], values))
     row["lr"] = training.learning_rate(step - 1)
     return row
 
@@ -408,7 +430,8 @@ def _save_result(trainee: _Trainee, scale: float, out_dir: Path, step: int, trai
     final = copy.deepcopy(trainee.sae).cpu().eval()
     final.fold_input_scale_(scale)
     final.cfg.extra = {**final.cfg.extra, "trained_steps": step, "trained_tokens": step * training.batch_size,
-                       "training_complete": step >= training.total_steps}
+                       "training_complete": step >= training.total_steps,
+                       "training": json.loads(json.dumps(dataclasses.asdict(training)))}
     folder = dictionary_io.save_dictionary(final, out_dir / trainee.name)
     log = pd.DataFrame(trainee.log_rows, columns=LOG_COLUMNS)
     atomic_write_text(folder / LOG_FILE, log.to_csv(index=False))
@@ -477,6 +500,10 @@ def _initialise_from_first_batch(raw: dict[str, torch.Tensor], trainees: list[_T
                                  ) -> dict[str, float]:
     """Measure each hook's scale on batch 0 and start every b_dec at that batch's (normalised) mean."""
     scales = {hook: activation_scale(tensor) for hook, tensor in raw.items()}
+    for hook, scale in scales.items():
+        if not math.isfinite(scale) or scale == 0:
+            raise ValueError(f"the first batch of activations at '{hook}' has scale {scale} (all zero, inf or nan); "
+                             "check the harvested activations")
     with torch.no_grad():
         for trainee in trainees:
             mean = raw[trainee.hook].to(device, torch.float32).mean(dim=0) / scales[trainee.hook]

@@ -350,7 +350,7 @@ def final_position_logits(model, tokens: torch.Tensor, final_positions: torch.Te
     device = _device_of(model)
     chunks = []
     starts = range(0, tokens.shape[0], batch_size)
-    for start in tqdm(starts, desc="IOI forward", disable=not progress):
+    for start in tqdm(starts, desc="forward", disable=not progress):
         logits = model(tokens[start : start + batch_size].to(device))  # [chunk, pos, vocab]
         chunks.append(logits_at(logits, final_positions[start : start + batch_size]).float().cpu())
     return torch.cat(chunks)
@@ -372,8 +372,10 @@ def ioi_performance(model, batch: IOIBatch, batch_size: int = 32, progress: bool
         "mean_logit_diff": diffs.mean().item(),
         "median_logit_diff": diffs.median().item(),
     }
-    for order in ORDERS:
-        mask = torch.tensor([prompt.order == order for prompt in batch.prompts], dtype=torch.bool)
-        if len(batch.prompts) == len(batch) and mask.any():
-            result[f"accuracy_{order}"] = (diffs[mask] > 0).float().mean().item()
+    if len(batch.prompts) == len(batch):
+        orders = [prompt.order for prompt in batch.prompts]
+        for order in ORDERS:
+            mask = torch.tensor([item == order for item in orders], dtype=torch.bool)
+            if mask.any():
+                result[f"accuracy_{order}"] = (diffs[mask] > 0).float().mean().item()
     return result

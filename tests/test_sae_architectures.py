@@ -14,6 +14,11 @@ from sae.topk import TopKSAE
 D_IN, D_SAE = 16, 48
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
 def config(**overrides) -> DictionaryConfig:
     values = dict(architecture="standard", d_in=D_IN, d_sae=D_SAE, hook_name="blocks.1.hook_resid_post", seed=3)
     values.update(overrides)
@@ -120,8 +125,9 @@ def test_folding_the_scale_is_exact(architecture, tied):
         if scale == 4.0:  # a power of two: every rounding is the same, so equal bit for bit
             assert torch.equal(reconstruction, expected_reconstruction * scale)
             assert torch.equal(codes, expected_codes * scale)
-        torch.testing.assert_close(reconstruction, expected_reconstruction * scale, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(codes, expected_codes * scale, rtol=1e-5, atol=1e-5)
+        tolerance = 1e-6 * reconstruction.abs().max().item()  # float rounding of sums of large terms
+        torch.testing.assert_close(reconstruction, expected_reconstruction * scale, rtol=1e-5, atol=tolerance)
+        torch.testing.assert_close(codes, expected_codes * scale, rtol=1e-5, atol=tolerance)
         assert torch.equal(folded.W_dec, normalised.W_dec) and torch.equal(folded.W_enc, normalised.W_enc)
         if tied:
             assert folded.W_enc.data_ptr() == folded.W_dec.data_ptr()

@@ -20,6 +20,11 @@ D_IN, D_SAE = 12, 40
 HOOK = "blocks.2.hook_resid_post"
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
 def trained_looking(architecture="standard", tied=False, hook=HOOK, seed=0) -> ReluSAE:
     cfg = DictionaryConfig(architecture, D_IN, D_SAE, hook_name=hook, model_name="tiny", tied=tied, k=5,
                            l1_coefficient=0.01, activation_scale=1.7, seed=seed)

@@ -130,6 +130,24 @@ def test_schedules():
     assert [training.l1_coefficient(2.0, step) for step in (0, 4, 50)] == pytest.approx([0.4, 2.0, 2.0])
 
 
+def test_training_config_is_checked():
+    with pytest.raises(ValueError, match="must be positive"):
+        TrainingConfig(total_tokens=640, batch_size=0)
+    with pytest.raises(ValueError, match="lr_decay_fraction"):
+        TrainingConfig(total_tokens=640, batch_size=64, lr_decay_fraction=1.5)
+
+
+def test_first_batch_sets_the_scale_and_b_dec(tmp_path):
+    activations = small_activations()
+    training = TrainingConfig(total_tokens=64, batch_size=64, lr=0.0, checkpoint_every=None)  # lr 0: init is kept
+    config = DictionaryConfig("standard", 16, 32, hook_name=HOOK_A, seed=7)
+    result = train_dictionaries(TensorBatchSource(activations), [config], training, tmp_path, progress=False)[0]
+    first = next(TensorBatchSource(activations).batches([HOOK_A], 64, training.seed))[HOOK_A]
+    torch.testing.assert_close(result.dictionary.b_dec.detach(), first.mean(dim=0))  # folded back to raw units
+    torch.testing.assert_close(result.dictionary.W_dec, ReluSAE(config).W_dec)  # renormalised: equal to rounding
+    assert not result.dictionary.b_enc.any()
+
+
 def test_default_names_say_what_differs():
     configs = [DictionaryConfig("standard", 8, 16, hook_name=HOOK_A, l1_coefficient=0.001),
                DictionaryConfig("standard", 8, 16, hook_name=HOOK_A, l1_coefficient=0.003),
@@ -196,7 +214,7 @@ def test_resampling_revives_dead_features(tmp_path):
 def test_resampled_features_point_at_residuals_and_restart_adam():
     sae = ReluSAE(DictionaryConfig("standard", 16, 32, seed=1))
     optimizer = torch.optim.Adam(sae.parameters())
-    x = torch.randn(64, 16)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     (sae(x).reconstruction - x).pow(2).mean().backward()
     optimizer.step()
     dead = torch.zeros(32, dtype=torch.bool)

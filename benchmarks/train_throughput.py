@@ -1,0 +1,70 @@
+"""SAE training throughput against the machine's measured fp32 matmul rate.
+
+Times `train_dictionaries` on in-memory activations (d_in 576, 2304 features, batch 4096 by default)
+and a plain fp32 matmul of the same size, in one run. One step costs about 12 * batch * d_in * d_sae
+FLOPs (encode and decode forward, and their two backward matmuls each), so the fraction of the FLOP
+limit reached is (12 * B * d * F * steps/s) / matmul FLOP/s. Example:
+
+    python benchmarks/train_throughput.py --steps 20 --json train_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from sae.batches import TensorBatchSource
+from sae.config import DictionaryConfig
+from sae.training import TrainingConfig, train_dictionaries
+
+
+def matmul_flops_per_second(batch: int, d_in: int, d_sae: int, repeats: int = 10) -> float:
+    a, b = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * batch * d_in * d_sae * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-in", type=int, default=576)
+    parser.add_argument("--d-sae", type=int, default=2304)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--arch", choices=["standard", "topk"], default="standard")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    data = torch.randn(args.batch_size * 4, args.d_in)
+    source = TensorBatchSource({"hook": data})
+    cfg = DictionaryConfig(args.arch, d_in=args.d_in, d_sae=args.d_sae, hook_name="hook", tied=True,
+                           l1_coefficient=1e-3, k=32 if args.arch == "topk" else None)
+    training = TrainingConfig(total_tokens=args.batch_size * (args.steps + 2), batch_size=args.batch_size,
+                              checkpoint_every=None, log_every=10**9)
+    flops = matmul_flops_per_second(args.batch_size, args.d_in, args.d_sae)
+    with tempfile.TemporaryDirectory() as out:
+        train_dictionaries(source, [cfg], TrainingConfig(total_tokens=args.batch_size * 2, batch_size=args.batch_size,
+                           checkpoint_every=None), out + "/warm", progress=False)
+        start = time.perf_counter()
+        train_dictionaries(source, [cfg], training, out + "/run", progress=False)
+        seconds = time.perf_counter() - start
+    steps = training.total_steps
+    step_flops = 12 * args.batch_size * args.d_in * args.d_sae
+    row = {"threads": torch.get_num_threads(), "tokens_per_s": steps * args.batch_size / seconds,
+           "steps_per_s": steps / seconds, "achieved_gflops": step_flops * steps / seconds / 1e9,
+           "matmul_gflops": flops / 1e9, "fraction_of_matmul_rate": step_flops * steps / seconds / flops}
+    for key, value in row.items():
+        print(f"{key:>26}: {value:.3f}" if isinstance(value, float) else f"{key:>26}: {value}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(row, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
