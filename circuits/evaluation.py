@@ -8,6 +8,13 @@ activation replaced by the dictionary's reconstruction, and with it zero-ablated
 With `exclude_bos` (the default, as in training) the BOS position keeps its clean activation and
 its prediction is left out of every average: in Llama-family models that position's residual is a
 huge outlier that no dictionary is trained on.
+
+The same "massive activation" appears at some other tokens too: in SmolLM2, the first token after BOS
+when a context starts mid-document has a residual norm near 25,000 (against about 150) in about one
+context in ten. Such tokens are a few in ten thousand but hold most of the variance, so an FVU over
+all tokens mostly measures them. `fvu` (and `l0`) is therefore over typical tokens, those whose norm is
+at most `OUTLIER_NORM_FACTOR` times the batch median; `fvu_all_tokens` and `outlier_fraction` are
+reported beside it. The spliced and zero-ablated runs edit every non-BOS position, outliers included.
 """
 
 from __future__ import annotations
@@ -20,15 +27,21 @@ from tqdm.auto import tqdm
 
 from sae.dictionary import Dictionary
 
+OUTLIER_NORM_FACTOR = 10.0
+
 
 @dataclass
 class _Sums:
     """Running sums for exact metrics over all evaluated tokens."""
 
-    tokens: int = 0
+    tokens: int = 0  # typical (non-outlier) tokens
+    all_tokens: int = 0
     squared_error: float = 0.0
     activation_sum: torch.Tensor | None = None
     activation_squared: float = 0.0
+    all_squared_error: float = 0.0
+    all_activation_sum: torch.Tensor | None = None
+    all_activation_squared: float = 0.0
     active: float = 0.0
     fired: torch.Tensor | None = None
     ce_spliced: float = 0.0
@@ -39,20 +52,36 @@ class _Sums:
     def add_activations(self, x: torch.Tensor, reconstruction: torch.Tensor, codes: torch.Tensor) -> None:
         # x, reconstruction: [tokens, d_in]; codes: [tokens, n_features]
         x64 = x.double()
-        self.tokens += x.shape[0]
-        self.squared_error += (reconstruction.double() - x64).pow(2).sum().item()
-        total = x64.sum(0)
-        self.activation_sum = total if self.activation_sum is None else self.activation_sum + total
-        self.activation_squared += x64.pow(2).sum().item()
+        error = (reconstruction.double() - x64).pow(2).sum(-1)  # [tokens]
+        norms = x64.norm(dim=-1)
+        typical = norms <= OUTLIER_NORM_FACTOR * norms.median()
+        self.all_tokens += x.shape[0]
+        self.all_squared_error += error.sum().item()
+        self.all_activation_sum = _add(self.all_activation_sum, x64.sum(0))
+        self.all_activation_squared += x64.pow(2).sum().item()
+        self.tokens += int(typical.sum())
+        self.squared_error += error[typical].sum().item()
+        self.activation_sum = _add(self.activation_sum, x64[typical].sum(0))
+        self.activation_squared += x64[typical].pow(2).sum().item()
         nonzero = codes != 0
-        self.active += nonzero.sum().item()
-        counts = nonzero.sum(0)
-        self.fired = counts if self.fired is None else self.fired + counts
+        self.active += nonzero[typical].sum().item()
+        self.fired = _add(self.fired, nonzero.sum(0))
 
     def fvu(self) -> float:
-        mean = self.activation_sum / self.tokens
-        total_variance = self.activation_squared - self.tokens * mean.pow(2).sum().item()
-        return self.squared_error / total_variance
+        return _fvu(self.squared_error, self.activation_sum, self.activation_squared, self.tokens)
+
+    def fvu_all_tokens(self) -> float:
+        return _fvu(self.all_squared_error, self.all_activation_sum, self.all_activation_squared, self.all_tokens)
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+def _fvu(squared_error: float, activation_sum: torch.Tensor, activation_squared: float, tokens: int) -> float:
+    """Squared error over the summed squared deviation from the mean, from running sums."""
+    mean = activation_sum / tokens
+    return squared_error / (activation_squared - tokens * mean.pow(2).sum().item())
 
 
 def _cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -118,13 +147,15 @@ def evaluate_dictionaries(
     results = []
     for dictionary, total in zip(dictionaries, sums):
         clean, spliced, zero = ce_clean / predicted, total.ce_spliced / predicted, total.ce_zero / predicted
-        frequency = total.fired.double() / total.tokens
+        frequency = total.fired.double() / total.all_tokens
         results.append({
             "hook": dictionary.cfg.hook_name,
             "n_features": dictionary.n_features,
-            "tokens": total.tokens,
+            "tokens": total.all_tokens,
             "l0": total.active / total.tokens,
             "fvu": total.fvu(),
+            "fvu_all_tokens": total.fvu_all_tokens(),
+            "outlier_fraction": 1 - total.tokens / total.all_tokens,
             "mse": total.squared_error / (total.tokens * dictionary.d_in),
             "dead_fraction": (frequency == 0).double().mean().item(),
             "dense_fraction": (frequency > dense_threshold).double().mean().item(),

@@ -52,3 +52,22 @@ def test_bos_position_is_left_alone_by_default(tiny_llama):
     evaluate_dictionaries(tiny_llama, [Recorder(cfg)], _contexts(n=2, ctx=7), batch_size=2, progress=False)
     assert seen[0] == (2 * 6, tiny_llama.cfg.d_model)  # activation metrics: BOS rows excluded
     assert seen[1][1] == 6  # the spliced run replaces positions 1.. only
+
+
+def test_massive_activation_outliers_do_not_dominate_fvu():
+    """A few huge-norm tokens (attention sinks) would otherwise hold nearly all the variance."""
+    from circuits.evaluation import _Sums
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 16, generator=generator)
+    x[7] *= 2000.0  # one massive activation, reconstructed perfectly
+    reconstruction = x + 0.5 * torch.randn(1000, 16, generator=generator)
+    reconstruction[7] = x[7]
+    sums = _Sums()
+    sums.add_activations(x, reconstruction, codes=torch.ones(1000, 4))
+    typical = torch.ones(1000, dtype=torch.bool)
+    typical[7] = False
+    expected = ((reconstruction - x)[typical] ** 2).sum() / ((x[typical] - x[typical].mean(0)) ** 2).sum()
+    assert sums.fvu() == pytest.approx(expected.item(), rel=1e-6)
+    assert sums.fvu() > 0.2 and sums.fvu_all_tokens() < 0.01  # all-token FVU hides the error
+    assert sums.tokens == 999 and sums.all_tokens == 1000
