@@ -199,9 +199,19 @@ def _new_trainee(name: str, cfg: DictionaryConfig, training: TrainingConfig, dev
     return _Trainee(name, cfg.hook_name, sae, optimizer, counters)
 
 
+OUTLIER_NORM_FACTOR = 10.0
+
+
 def activation_scale(x: torch.Tensor) -> float:
-    """s = sqrt(mean ||x||^2 / d_in) over the tokens of x [tokens, d_in]."""
-    return math.sqrt(x.double().pow(2).mean().item())
+    """s = sqrt(mean ||x||^2 / d_in) over the typical tokens of x [tokens, d_in].
+
+    Tokens whose norm exceeds OUTLIER_NORM_FACTOR x the median are left out: a single massive
+    activation (an attention-sink token, norm ~25,000 against ~150 in SmolLM2) would otherwise
+    set the scale by itself, and make it depend on whether batch 0 happened to hold one."""
+    rows = x.double()
+    norms = rows.norm(dim=-1)
+    typical = rows[norms <= OUTLIER_NORM_FACTOR * norms.median()]
+    return math.sqrt(typical.pow(2).mean().item())
 
 
 # ---------------------------------------------------------------------------------------------

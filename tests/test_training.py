@@ -330,3 +330,13 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
     train_dictionaries(TensorBatchSource(small_activations()), RESUME_CONFIGS, RESUME_TRAINING, tmp_path,
                        progress=False)
     assert_same_results(tmp_path, reference_run[0])
+
+
+def test_activation_scale_ignores_massive_activation_outliers():
+    from sae.training import activation_scale
+
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(0))
+    with_outlier = x.clone()
+    with_outlier[5] *= 5000.0
+    assert activation_scale(with_outlier) == pytest.approx(activation_scale(x), rel=0.01)
+    assert activation_scale(x) == pytest.approx(1.0, rel=0.05)
