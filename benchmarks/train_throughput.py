@@ -1,9 +1,10 @@
 """SAE training throughput against the machine's measured fp32 matmul rate.
 
 Times `train_dictionaries` on in-memory activations (d_in 576, 2304 features, batch 4096 by default)
-and a plain fp32 matmul of the same size, in one run. One step costs about 12 * batch * d_in * d_sae
-FLOPs (encode and decode forward, and their two backward matmuls each), so the fraction of the FLOP
-limit reached is (12 * B * d * F * steps/s) / matmul FLOP/s. Example:
+and a plain fp32 matmul of the same size, in one run. One step is five matmuls of B x d x F: encode
+and decode forward; backward, the gradient to the codes, to the decoder and to the encoder (none to
+the input activations), so about 10 * B * d * F FLOPs; the fraction of the FLOP limit reached is
+(10 * B * d * F * steps/s) / matmul FLOP/s. Example:
 
     python benchmarks/train_throughput.py --steps 20 --json train_throughput.json
 """
@@ -55,7 +56,7 @@ def main() -> None:
         train_dictionaries(source, [cfg], training, out + "/run", progress=False)
         seconds = time.perf_counter() - start
     steps = training.total_steps
-    step_flops = 12 * args.batch_size * args.d_in * args.d_sae
+    step_flops = 10 * args.batch_size * args.d_in * args.d_sae
     row = {"threads": torch.get_num_threads(), "tokens_per_s": steps * args.batch_size / seconds,
            "steps_per_s": steps / seconds, "achieved_gflops": step_flops * steps / seconds / 1e9,
            "matmul_gflops": flops / 1e9, "fraction_of_matmul_rate": step_flops * steps / seconds / flops}

@@ -13,7 +13,7 @@ The same "massive activation" appears at some other tokens too: in SmolLM2, the 
 when a context starts mid-document has a residual norm near 25,000 (against about 150) in about one
 context in ten. Such tokens are a few in ten thousand but hold most of the variance, so an FVU over
 all tokens mostly measures them. `fvu` (and `l0`) is therefore over typical tokens, those whose norm is
-at most `OUTLIER_NORM_FACTOR` times the batch median; `fvu_all_tokens` and `outlier_fraction` are
+at most 10 times the batch median (`sae.metrics.typical_token_mask`); `fvu_all_tokens` and `outlier_fraction` are
 reported beside it. The spliced and zero-ablated runs edit every non-BOS position, outliers included.
 """
 
@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae.dictionary import Dictionary
-
-OUTLIER_NORM_FACTOR = 10.0
+from sae.metrics import typical_token_mask
 
 
 @dataclass
@@ -53,8 +52,7 @@ class _Sums:
         # x, reconstruction: [tokens, d_in]; codes: [tokens, n_features]
         x64 = x.double()
         error = (reconstruction.double() - x64).pow(2).sum(-1)  # [tokens]
-        norms = x64.norm(dim=-1)
-        typical = norms <= OUTLIER_NORM_FACTOR * norms.median()
+        typical = typical_token_mask(x64)
         self.all_tokens += x.shape[0]
         self.all_squared_error += error.sum().item()
         self.all_activation_sum = _add(self.all_activation_sum, x64.sum(0))

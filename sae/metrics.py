@@ -15,6 +15,18 @@ def l0(codes: torch.Tensor) -> torch.Tensor:
     return (codes != 0).sum(dim=-1).float().mean()
 
 
+OUTLIER_NORM_FACTOR = 10.0
+
+
+def typical_token_mask(x: torch.Tensor, factor: float = OUTLIER_NORM_FACTOR) -> torch.Tensor:
+    """[tokens] bool: tokens whose norm is at most `factor` x the median norm of x [tokens, d].
+
+    The others are massive activations (attention sinks: norm ~25,000 against ~150 in SmolLM2), a few
+    in ten thousand tokens that would otherwise dominate every variance-based metric."""
+    norms = x.norm(dim=-1)
+    return norms <= factor * norms.median()
+
+
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over tokens [..., d]."""
     x = x.reshape(-1, x.shape[-1])

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from sae import io as dictionary_io
 from sae.assets import atomic_write_text
 from sae.batches import BatchSource
+from sae.metrics import typical_token_mask
 from sae.config import DictionaryConfig
 from sae.dictionary import Dictionary
 from sae.registry import build_dictionary
@@ -199,18 +200,14 @@ def _new_trainee(name: str, cfg: DictionaryConfig, training: TrainingConfig, dev
     return _Trainee(name, cfg.hook_name, sae, optimizer, counters)
 
 
-OUTLIER_NORM_FACTOR = 10.0
-
-
 def activation_scale(x: torch.Tensor) -> float:
     """s = sqrt(mean ||x||^2 / d_in) over the typical tokens of x [tokens, d_in].
 
-    Tokens whose norm exceeds OUTLIER_NORM_FACTOR x the median are left out: a single massive
+    Tokens whose norm exceeds 10x the median are left out (sae.metrics.typical_token_mask): a single massive
     activation (an attention-sink token, norm ~25,000 against ~150 in SmolLM2) would otherwise
     set the scale by itself, and make it depend on whether batch 0 happened to hold one."""
     rows = x.double()
-    norms = rows.norm(dim=-1)
-    typical = rows[norms <= OUTLIER_NORM_FACTOR * norms.median()]
+    typical = rows[typical_token_mask(rows)]
     return math.sqrt(typical.pow(2).mean().item())
 
 
@@ -290,7 +287,8 @@ def _training_step(trainee: _Trainee, x: torch.Tensor, step: int, training: Trai
 @torch.no_grad()
 def _log_row(trainee: _Trainee, x: torch.Tensor, out: _StepOutput, step: int, training: TrainingConfig
              ) -> dict[str, float]:
-    fvu = out.residual.pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+    typical = typical_token_mask(x)  # as in evaluation: massive activations would dominate
+    fvu = out.residual[typical].pow(2).sum() / (x[typical] - x[typical].mean(dim=0)).pow(2).sum()
     dead = (trainee.tokens_since_fired >= training.dead_window_tokens).float().mean()
     l0 = (out.codes != 0).sum(dim=-1).float().mean()
     dense = ((out.codes != 0).float().mean(dim=0) > training.dense_threshold).float().mean()  # in this batch
