@@ -26,6 +26,7 @@ DEMO_EVAL_TOKENS = 6_000
 DEMO_IOI_PROMPTS = 24
 DEMO_IOI_BASELINES = ("pca", "neurons", "dense")
 DEMO_ERASE_KS = (1, 4, 16)
+DEMO_ERASE_METHODS = ("sae_attribution", "sae_random", "leace", "mean_projection", "mean_projection_all_positions")
 
 
 def _banner(step: int, total: int, text: str) -> None:
@@ -128,11 +129,12 @@ def _erase_step(model, dictionaries: dict, out: Path) -> dict[str, str]:
     from tasks.concepts import gender_concept
     from tasks.erasure import run_erasure
 
-    _banner(6, 6, "erasing the gender concept: SAE features vs LEACE vs mean projection")
+    _banner(6, 6, "erasing the gender concept: SAE features vs LEACE vs mean projections")
     if (out / "erasure.csv").exists():
         print("  reusing the erasure table of an earlier run")
         print((out / "erasure.csv").read_text())
         return {"erasure table": str(out / "erasure.csv"), "erasure plot": str(out / "erasure.png")}
-    by_hook = {dictionary.cfg.hook_name: dictionary for dictionary in dictionaries.values()}
-    paths = run_erasure(model, by_hook, gender_concept(model.tokenizer), out, ks=DEMO_ERASE_KS)
+    sae = list(dictionaries.values())[-1]  # the deepest demo layer
+    paths = run_erasure(model, {sae.cfg.hook_name: sae}, gender_concept(model.tokenizer), out, ks=DEMO_ERASE_KS,
+                        methods=DEMO_ERASE_METHODS)
     return {f"erasure {name}": str(path) for name, path in paths.items()}

@@ -1,0 +1,88 @@
+"""`sparse-circuits erase`: concept erasure by dictionary features, LEACE and a mean projection, compared.
+
+A thin shell over `tasks.erasure.run_erasure`: loads the model and the dictionaries, builds the concept
+splits (checked before any compute), runs the sweep and prints the table; writes OUT/erasure.csv,
+OUT/erasure.png and OUT/erasure.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from circuits.models import DEFAULT_MODEL
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    """Add the `erase` subcommand to the CLI's subparsers."""
+    from tasks.erasure import DEFAULT_KS, METHODS
+
+    parser = commands.add_parser(
+        "erase", help="erase a concept by removing SAE features; compare with LEACE and a mean projection",
+        description="Fit erasure methods on the train split of a binary concept (at the final prompt position, "
+                    "or at every position for the *_all_positions variants), apply each as an edit to every "
+                    "non-BOS position at a hook, and measure on the test split: "
+                    "removal of the concept-token logit difference (1 = gone), a fresh linear probe's accuracy, "
+                    "the edit's norm, and the damage on held-out text (KL to the clean model, CE change). "
+                    "Writes OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json and prints the table.")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model: '{DEFAULT_MODEL}' (default), a local HF folder, or a hub name")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--corpus", default="registry", help="held-out text for the CE/KL damage (default: registry)")
+    parser.add_argument("--sae", required=True, type=Path,
+                        help="a dictionary folder, or a folder holding several (one per hook)")
+    parser.add_argument("--concept", default="gender",
+                        help="'gender' (built in) or a JSON file of prompts (see tasks.erasure.load_concept_splits)")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="use the dictionaries at blocks.L.hook_resid_post for these L (default: every one found)")
+    parser.add_argument("--k", type=_positive_int, nargs="+", default=list(DEFAULT_KS),
+                        help=f"numbers of features to remove (default {' '.join(map(str, DEFAULT_KS))})")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                        help=f"methods to run, among {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--ce-tokens", type=_positive_int, default=1024,
+                        help="held-out tokens for the KL / CE damage (default 1024)")
+    parser.add_argument("--context-size", type=_positive_int, default=64, help="held-out context length (default 64)")
+    parser.add_argument("--prompts-per-side", type=_positive_int,
+                        help="subsample the test and transfer splits to at most this many prompts per side "
+                             "(default: all; the train split is always used whole)")
+    parser.add_argument("--shots", type=_positive_int, default=2, help="gender: few-shot examples per side (default 2)")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the transfer split (pronouns for gender)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    return parser
+
+
+def select_dictionaries(dictionaries: dict, layers: list[int] | None, where: Path) -> dict:
+    """The dictionaries at blocks.L.hook_resid_post for each L, or all of them when `layers` is None."""
+    if layers is None:
+        return dictionaries
+    wanted = {f"blocks.{layer}.hook_resid_post" for layer in layers}
+    missing = sorted(wanted - set(dictionaries))
+    if missing:
+        raise ValueError(f"{where} has no dictionary for {', '.join(missing)}; it holds "
+                         f"{', '.join(sorted(dictionaries)) or 'none'}. Pick --layers among those or train them")
+    return {hook: dictionary for hook, dictionary in dictionaries.items() if hook in wanted}
+
+
+def run(args) -> dict[str, str]:
+    from circuits.models import load_model
+    from sae.io import load_dictionaries
+    from tasks.erasure import load_concept_splits, run_erasure, validate_inputs
+
+    if not args.sae.exists():
+        raise FileNotFoundError(f"{args.sae} does not exist; pass a folder written by `sparse-circuits train`")
+    dictionaries = select_dictionaries(load_dictionaries(args.sae), args.layers, args.sae)
+    model = load_model(args.model, device=args.device)
+    splits = load_concept_splits(args.concept, model.tokenizer, seed=args.seed, n_shots_per_side=args.shots)
+    validate_inputs(model, dictionaries, splits)  # before reading text or running the model
+    return run_erasure(model, dictionaries, splits, args.out, ks=args.k, ce_tokens=args.ce_tokens, seed=args.seed,
+                       methods=args.methods, prompts_per_side=args.prompts_per_side, corpus=args.corpus,
+                       context_size=args.context_size, batch_size=args.batch_size, transfer=not args.no_transfer)

@@ -1,0 +1,299 @@
+"""Concept erasure: the edits (feature removal, LEACE, mean projection), the controls, the sweep and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from sae.config import DictionaryConfig
+from sae.io import save_dictionary
+from sae.relu import ReluSAE
+from tasks.concepts import Concept, ConceptError, gender_concept
+from tasks.erasure import (
+    COLUMNS,
+    FeatureRemoval,
+    class_means,
+    collect_train_statistics,
+    build_edits,
+    fit_leace,
+    fit_mean_projection,
+    load_concept_splits,
+    probe_accuracies,
+    run_erasure,
+)
+
+HOOK = "blocks.1.hook_resid_post"
+KS = (1, 3)
+
+
+def tiny_sae(hook: str = HOOK, d_in: int = 32, seed: int = 1) -> ReluSAE:
+    return ReluSAE(DictionaryConfig("standard", d_in=d_in, d_sae=64, hook_name=hook, seed=seed)).eval()
+
+
+def held_out_tokens(tokenizer, n: int = 4, length: int = 12) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, len(tokenizer), (n, length), generator=generator)
+    tokens[:, 0] = tokenizer.bos_token_id
+    return tokens
+
+
+def labelled_data(n: int = 40, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian activations whose two classes differ along a random direction, plus an offset."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    shift = torch.randn(d, generator=generator)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64) + 3.0
+    return x + labels[:, None].double() * shift.double(), labels
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("erasure")
+    splits = gender_concept(tiny_llama.tokenizer)
+    paths = run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, out, ks=KS,
+                        ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
+    return paths, pd.read_csv(paths["csv"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The edits
+
+
+def test_leace_puts_a_fresh_probe_at_chance_on_the_train_split(sweep):
+    _, table = sweep
+    clean = table[table["method"] == "clean"].iloc[0]
+    leace = table[table["method"] == "leace"].iloc[0]
+    assert clean["probe_train_accuracy"] == 1.0  # the concept is linearly readable before the edit
+    assert leace["probe_train_accuracy"] == pytest.approx(0.5)  # balanced split: chance is 0.5
+    assert leace["edit_norm"] > 0
+
+
+def test_leace_eraser_leaves_no_linear_correlation(tiny_llama):
+    x, labels = labelled_data()
+    assert probe_accuracies(x, labels, x, labels)[0] == 1.0
+    edited = fit_leace(HOOK, x, labels)(x)
+    centred = edited - edited.mean(0)
+    cross_covariance = centred.T @ (labels.double() - labels.double().mean())
+    assert cross_covariance.abs().max() < 1e-8
+    assert probe_accuracies(edited, labels, edited, labels)[0] == pytest.approx(0.5)
+
+
+def test_mean_projection_removes_the_mean_difference_exactly():
+    x, labels = labelled_data()
+    edit = fit_mean_projection(HOOK, x, labels)
+    edited = edit(x)
+    positive, negative = class_means(edited, labels)
+    assert torch.allclose(positive, negative, atol=1e-10)
+    change = x - edited  # every change lies along the unit mean-difference direction
+    assert torch.allclose(change, (change @ edit.direction)[:, None] * edit.direction, atol=1e-10)
+    assert edit.direction.norm().item() == pytest.approx(1.0)
+
+
+def test_removing_features_subtracts_exactly_code_times_direction():
+    sae = tiny_sae()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # many features active
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2))
+    features = [4, 17, 40]
+    codes = sae.encode(x)
+    assert (codes[..., features] > 0).any()
+    expected = sum(codes[..., i, None] * sae.W_dec[i] for i in features)
+    edit = FeatureRemoval(HOOK, "sae_activation", sae, features)
+    assert torch.allclose(x - edit(x), expected, atol=1e-6)
+    assert edit.k == 3
+
+
+def test_an_edit_changes_every_position_but_bos_in_the_forward_pass(tiny_llama):
+    from circuits.evaluation import replacement_hook
+
+    tokens = held_out_tokens(tiny_llama.tokenizer, n=2, length=6)
+    edit = FeatureRemoval(HOOK, "sae_activation", tiny_sae(), [0, 1, 2, 3])
+    _, clean = tiny_llama.run_with_cache(tokens, names_filter=[HOOK])
+    seen = {}
+    tiny_llama.run_with_hooks(tokens, fwd_hooks=[(HOOK, replacement_hook(edit, 1)),
+                                                 (HOOK, lambda act, hook: seen.setdefault("x", act.clone()))])
+    assert torch.equal(seen["x"][:, 0], clean[HOOK][:, 0])
+    assert torch.allclose(seen["x"][:, 1:], edit(clean[HOOK][:, 1:]), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Controls and selection
+
+
+def test_random_controls_are_reproducible_nested_and_active(tiny_llama):
+    splits = gender_concept(tiny_llama.tokenizer)
+    sae = tiny_sae()
+    statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, splits.train, start=1, progress=False)
+
+    def features(seed):
+        edits, _ = build_edits({HOOK: sae}, statistics, (2, 4), ("sae_random", "random_dictionary"), seed)
+        return {(e.method, e.k): e.features.tolist() for e in edits if isinstance(e, FeatureRemoval)}
+
+    first, again, other = features(0), features(0), features(1)
+    assert first == again
+    assert first[("sae_random", 2)] != other[("sae_random", 2)]
+    assert first[("sae_random", 4)][:2] == first[("sae_random", 2)]  # nested across k
+    active = (sae.encode(statistics[HOOK].position_activations) > 0).any(0)
+    assert torch.equal(active, statistics[HOOK].active_features)
+    assert active[first[("sae_random", 4)]].all()
+    assert statistics[HOOK].attribution.shape == (sae.n_features,)
+
+
+def test_attribution_predicts_the_effect_of_removing_a_small_feature(tiny_llama):
+    """The first-order attribution of one feature tracks its exact removal effect on the train prompts."""
+    from tasks.erasure import evaluate_on_prompts
+
+    train = gender_concept(tiny_llama.tokenizer).train
+    sae = tiny_sae()
+    with torch.no_grad():
+        sae.W_dec.mul_(0.01)  # small edits: the linear approximation holds
+    statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, train, start=1, progress=False)
+    feature = int(statistics[HOOK].attribution.abs().argmax())
+    from tasks.erasure import Edit
+
+    clean, removed = evaluate_on_prompts(tiny_llama, [Edit(HOOK), FeatureRemoval(HOOK, "x", sae, [feature])],
+                                         train, start=1, progress=False)
+    exact_drop = (clean.signed_diffs - removed.signed_diffs).mean().item()
+    assert exact_drop == pytest.approx(statistics[HOOK].attribution[feature].item(), rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep's outputs
+
+
+def test_sweep_writes_the_table_plot_and_settings(sweep):
+    paths, table = sweep
+    assert list(table.columns) == COLUMNS
+    expected_rows = 1 + 4 * len(KS) + 4
+    assert len(table) == expected_rows
+    assert set(table["method"]) == {"clean", "sae_attribution", "sae_activation", "sae_random", "random_dictionary",
+                                    "leace", "mean_projection", "leace_all_positions", "mean_projection_all_positions"}
+    assert sorted(table.loc[table["method"] == "sae_random", "k"]) == list(KS)
+    clean = table[table["method"] == "clean"].iloc[0]
+    assert clean["removal"] == 0 and clean["kl"] == 0 and clean["edit_norm"] == 0
+    edited = table[table["method"] != "clean"]
+    assert (edited["edit_norm"] > 0).all() and (edited["kl"] >= 0).all()
+    with open(paths["plot"], "rb") as stream:
+        assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
+    settings = json.loads(open(paths["json"]).read())
+    assert len(settings["chosen_features"][HOOK]["sae_attribution"]) == max(KS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.embed.register_forward_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("positive, negative, tokens, message", [
+    (["my name is Mary"], ["my name is John"], (" male", " male"), "same token"),
+    ([], ["my name is John"], (" female", " male"), "no positive prompts"),
+    (["my name is Mary"] * 5, ["my name is John"] * 2, (" female", " male"), "unbalanced"),
+])
+def test_bad_concepts_fail_before_any_compute(tiny_llama, tmp_path, positive, negative, tokens, message):
+    good = gender_concept(tiny_llama.tokenizer)
+    bad = Concept("bad", positive, negative, *tokens, split="test")
+    calls, handle = _count_forwards(tiny_llama)
+    try:
+        with pytest.raises(ConceptError, match=message):
+            run_erasure(tiny_llama, {HOOK: tiny_sae()}, (good.train, bad, good.transfer), tmp_path / "out",
+                        ks=KS, ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
+    finally:
+        handle.remove()
+    assert calls == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_are_named(tiny_llama, tmp_path):
+    splits = gender_concept(tiny_llama.tokenizer)
+    tokens = held_out_tokens(tiny_llama.tokenizer)
+    with pytest.raises(ValueError, match="k=100 exceeds the 64 features"):
+        run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, tmp_path, ks=(1, 100), ce_tokens=tokens, progress=False)
+    with pytest.raises(ValueError, match="d_in=16"):
+        run_erasure(tiny_llama, {HOOK: tiny_sae(d_in=16)}, splits, tmp_path, ce_tokens=tokens, progress=False)
+    with pytest.raises(ValueError, match="unknown erasure method"):
+        run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, tmp_path, methods=["lace"], ce_tokens=tokens,
+                    progress=False)
+
+
+def test_concept_files(tmp_path, tiny_llama):
+    tokenizer = tiny_llama.tokenizer
+    good = {"name": "size", "positive_token": " girl", "negative_token": " boy",
+            "train": {"positive": ["a", "the"], "negative": ["an", "it"]},
+            "test": {"positive": ["he"], "negative": ["she"]}}
+    path = tmp_path / "concept.json"
+    path.write_text(json.dumps(good))
+    splits = load_concept_splits(str(path), tokenizer)
+    assert splits.transfer is None and splits.train.positive_prompts == ["a", "the"]
+    path.write_text(json.dumps({"name": "size", "train": {}}))
+    with pytest.raises(ConceptError, match="not a concept file"):
+        load_concept_splits(str(path), tokenizer)
+    with pytest.raises(ConceptError, match="unknown concept"):
+        load_concept_splits("colour", tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli_args(*argv):
+    from circuits.cli_erase import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["erase", *argv])
+
+
+def test_cli_runs_on_saved_dictionaries(tiny_llama_folder, tmp_path):
+    from circuits.cli_erase import run
+
+    for layer in (1, 2):
+        save_dictionary(tiny_sae(f"blocks.{layer}.hook_resid_post", seed=layer), tmp_path / "saes" / f"L{layer}")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["the girl gave the boy a book and she went to the park ."] * 20))
+    args = _cli_args("--model", str(tiny_llama_folder), "--device", "cpu", "--sae", str(tmp_path / "saes"),
+                     "--layers", "2", "--k", "1", "2", "--ce-tokens", "32", "--context-size", "16",
+                     "--corpus", str(text), "--methods", "sae_attribution", "leace", "--no-transfer",
+                     "--out", str(tmp_path / "out"))
+    paths = run(args)
+    table = pd.read_csv(paths["csv"])
+    assert set(table["hook"]) == {"blocks.2.hook_resid_post"}
+    assert list(table["method"]) == ["clean", "sae_attribution", "sae_attribution", "leace"]
+    assert table["transfer_removal"].isna().all()
+
+    with pytest.raises(ValueError, match="no dictionary for blocks.7.hook_resid_post.*--layers"):
+        run(_cli_args("--model", str(tiny_llama_folder), "--sae", str(tmp_path / "saes"), "--layers", "7",
+                      "--out", str(tmp_path / "x")))
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.mark.integration
+def test_erasure_on_the_real_model(real_model, tmp_path):
+    """One layer, one k, three methods, a signed PCA basis of the train prompts' activations as the dictionary."""
+    from sae.baselines import fit_pca
+    from tasks.concepts import tokenize_prompts
+    from tasks.erasure import subsample_concept
+
+    hook = "blocks.9.hook_resid_post"
+    splits = [subsample_concept(split, 8, seed=0) for split in gender_concept(real_model.tokenizer)]
+    tokens, _ = tokenize_prompts(real_model.tokenizer, splits[0].prompts_and_labels()[0])
+    _, cache = real_model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=10)
+    dictionary = fit_pca(cache[hook][:, 1:], n_components=64, hook_name=hook)
+    paths = run_erasure(real_model, {hook: dictionary}, splits, tmp_path, ks=(4,), ce_tokens=64, context_size=32,
+                        methods=("sae_attribution", "sae_random", "leace"), transfer=False, progress=False)
+    table = pd.read_csv(paths["csv"]).set_index("method")
+    assert table.loc["clean", "concept_accuracy"] > 0.7  # the model does the task
+    assert table.loc["leace", "probe_train_accuracy"] == pytest.approx(0.5)
+    assert table.loc["sae_attribution", "removal"] > table.loc["sae_random", "removal"] + 0.2
+    assert (table["kl"] >= 0).all() and (table.loc[["sae_attribution", "leace"], "edit_norm"] > 0).all()
