@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--context-size", type=_positive_int, default=128)
     train.add_argument("--batch-size", type=_positive_int, default=4096, help="activations per training step")
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--activations", type=Path, metavar="DIR",
+                       help="activation store to harvest into or reuse (default OUT/activations); a complete store "
+                            "harvested with the same settings for these hooks and more is reused as it is")
     train.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     train.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     train.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps between checkpoints")
@@ -167,7 +170,8 @@ def run_train(args) -> None:
         hooks=args.hook, tokens=args.tokens, architecture="standard" if args.arch == "relu" else "topk",
         expansion=args.expansion, l1_coefficients=args.l1, k_values=args.k, tied=args.tied, epochs=args.epochs,
         context_size=args.context_size, batch_size=args.batch_size, lr=args.lr, store_dtype=args.store_dtype,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, resample_dead=args.resample_dead)
+        seed=args.seed, checkpoint_every=args.checkpoint_every, resample_dead=args.resample_dead,
+        activations_dir=args.activations)
     model = load_model(args.model, device=args.device)
     from sae.activation_store import validate_hooks
 
@@ -185,7 +189,7 @@ def run_train(args) -> None:
 
 
 def check_dictionary_widths(model, folders: list[Path]) -> None:
-    from circuits.workflows import hook_width
+    from circuits.splicing import hook_width
     from sae.activation_store import validate_hooks
     from sae.io import read_dictionary_config
 

@@ -131,8 +131,12 @@ def _erase_step(model, dictionaries: dict, out: Path) -> dict[str, str]:
 
     _banner(6, 6, "erasing the gender concept: SAE features vs LEACE vs mean projections")
     if (out / "erasure.csv").exists():
+        import pandas as pd
+
+        from tasks.erasure import format_erasure_table
+
         print("  reusing the erasure table of an earlier run")
-        print((out / "erasure.csv").read_text())
+        print(format_erasure_table(pd.read_csv(out / "erasure.csv")))
         return {"erasure table": str(out / "erasure.csv"), "erasure plot": str(out / "erasure.png")}
     sae = list(dictionaries.values())[-1]  # the deepest demo layer
     paths = run_erasure(model, {sae.cfg.hook_name: sae}, gender_concept(model.tokenizer), out, ks=DEMO_ERASE_KS,

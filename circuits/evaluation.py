@@ -14,7 +14,10 @@ when a context starts mid-document has a residual norm near 25,000 (against abou
 context in ten. Such tokens are a few in ten thousand but hold most of the variance, so an FVU over
 all tokens mostly measures them. `fvu` (and `l0`) is therefore over typical tokens, those whose norm is
 at most 10 times the batch median (`sae.metrics.typical_token_mask`); `fvu_all_tokens` and `outlier_fraction` are
-reported beside it. The spliced and zero-ablated runs edit every non-BOS position, outliers included.
+reported beside it. With `exclude_outliers` (the default) the spliced and zero-ablated runs also leave
+these positions at their clean activation, as a spliced dictionary does (circuits/splicing.py) and as
+training leaves them out (sae/training.py); `ce_loss_spliced_outliers_replaced` is the spliced CE with
+the reconstruction put in at those positions too, to show what passing them through is worth.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae.dictionary import Dictionary
-from sae.metrics import typical_token_mask
+from sae.metrics import outlier_positions, typical_token_mask
 
 
 @dataclass
@@ -45,6 +48,7 @@ class _Sums:
     fired: torch.Tensor | None = None
     ce_spliced: float = 0.0
     ce_zero: float = 0.0
+    ce_spliced_replaced: float = 0.0  # with the reconstruction at outlier positions too
     kl: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -95,12 +99,15 @@ def _kl_clean_to(clean_logits: torch.Tensor, other_logits: torch.Tensor, start: 
     return (clean.exp() * (clean - other)).sum()
 
 
-def replacement_hook(replacement, start: int):
-    """A forward hook that replaces positions `start:` of the activation with `replacement(x)`."""
+def replacement_hook(replacement, start: int, keep: torch.Tensor | None = None):
+    """A forward hook that replaces positions `start:` of the activation with `replacement(x)`,
+    except where `keep` [batch, pos] (bool) is set: those positions stay as they are."""
 
     def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
         edited = activation.clone()
         edited[:, start:] = replacement(activation[:, start:])
+        if keep is not None:
+            edited[keep] = activation[keep]
         return edited
 
     return hook
@@ -113,6 +120,7 @@ def evaluate_dictionaries(
     contexts: torch.Tensor,
     batch_size: int = 8,
     exclude_bos: bool = True,
+    exclude_outliers: bool = True,
     dense_threshold: float = 0.1,
     progress: bool = True,
 ) -> list[dict]:
@@ -137,11 +145,21 @@ def evaluate_dictionaries(
             reconstruction, codes = dictionary(flat)
             total.add_activations(flat, reconstruction, codes)
             hook = dictionary.cfg.hook_name
-            spliced = model.run_with_hooks(tokens, fwd_hooks=[(hook, replacement_hook(lambda a: dictionary(a)[0], start))])
-            zeroed = model.run_with_hooks(tokens, fwd_hooks=[(hook, replacement_hook(torch.zeros_like, start))])
+            keep = outlier_positions(x) if exclude_outliers else None
+
+            def reconstruct(a: torch.Tensor) -> torch.Tensor:
+                return dictionary(a)[0]
+
+            spliced = model.run_with_hooks(tokens, fwd_hooks=[(hook, replacement_hook(reconstruct, start, keep))])
+            zeroed = model.run_with_hooks(tokens, fwd_hooks=[(hook, replacement_hook(torch.zeros_like, start, keep))])
             total.ce_spliced += _cross_entropy(spliced, tokens, start).item()
             total.ce_zero += _cross_entropy(zeroed, tokens, start).item()
             total.kl += _kl_clean_to(clean_logits, spliced, start).item()
+            if keep is not None and bool(keep.any()):
+                replaced = model.run_with_hooks(tokens, fwd_hooks=[(hook, replacement_hook(reconstruct, start))])
+                total.ce_spliced_replaced += _cross_entropy(replaced, tokens, start).item()
+            else:
+                total.ce_spliced_replaced += _cross_entropy(spliced, tokens, start).item()
     results = []
     for dictionary, total in zip(dictionaries, sums):
         clean, spliced, zero = ce_clean / predicted, total.ce_spliced / predicted, total.ce_zero / predicted
@@ -160,6 +178,7 @@ def evaluate_dictionaries(
             "ce_loss_clean": clean,
             "ce_loss_spliced": spliced,
             "ce_loss_zero_ablated": zero,
+            "ce_loss_spliced_outliers_replaced": total.ce_spliced_replaced / predicted,
             "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
             "kl": total.kl / predicted,
         })

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from sae.activation_store import stop_layer_for, validate_hooks
 from sae.dictionary import Dictionary
+from sae.metrics import outlier_positions  # noqa: F401  (re-exported: the scan's rule)
 
 OUTLIER_FACTOR = 2.0  # residual norm / the context's median norm above which a position is an outlier
 
@@ -72,22 +73,6 @@ class FeatureScan:
 
 
 # --- scanning ---------------------------------------------------------------------------------
-
-
-def outlier_positions(activation: torch.Tensor, factor: float | None = OUTLIER_FACTOR,
-                      lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """[n, pos] bool: positions 1.. (within `lengths`, when given) whose norm in `activation`
-    [n, pos, d] exceeds `factor` times the median norm of that row's positions 1.. (none if factor is None)."""
-    norms = activation.detach().float().norm(dim=-1)  # [n, pos]
-    positions = torch.arange(norms.shape[1], device=norms.device)
-    real = positions[None, :] >= 1
-    if lengths is not None:
-        real = real & (positions[None, :] < lengths.to(norms.device)[:, None])
-    if factor is None or norms.shape[1] < 2:
-        return torch.zeros_like(real)
-    masked = norms.masked_fill(~real, float("nan"))
-    median = masked.nanmedian(dim=1, keepdim=True).values
-    return real & (norms > factor * median)
 
 
 @torch.no_grad()

@@ -2,11 +2,16 @@
 
 At a spliced hook point the activation x is replaced by
 
-    codes = encode(x)                     (zero at BOS when exclude_bos: that position is left alone)
+    codes = encode(x)                     (zero at BOS when exclude_bos, and at massive activations when
+                                           exclude_outliers: those positions are left alone)
     error = x - decode(codes)             (what the dictionary misses)
     out   = decode(codes') + error        (codes' = the codes after any hook edited them)
 
-so with nothing edited `out == x` (bit for bit: the unedited path returns x itself), and editing
+Massive activations are the positions whose norm exceeds 10x the median of their context
+(sae.metrics.outlier_positions): attention sinks that, like BOS, training leaves out (sae/training.py).
+Their codes are zero, so the error term carries them unchanged and no feature edit touches them.
+
+So with nothing edited `out == x` (bit for bit: the unedited path returns x itself), and editing
 feature i by delta changes the activation by exactly delta * feature_directions[i]. Each spliced
 dictionary brings hook points of its own, named as SAELens names them, so `run_with_cache`,
 `run_with_hooks` and `model.hooks` see them like any other hook point:
@@ -36,6 +41,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from sae.dictionary import Dictionary
+from sae.metrics import outlier_positions
 
 SPLICE_HOOKS = ("hook_sae_input", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error", "hook_sae_output")
 
@@ -64,11 +70,12 @@ class SplicedDictionary(nn.Module):
     """One dictionary at one hook point, with its own hook points (see the module docstring)."""
 
     def __init__(self, dictionary: Dictionary, hook_name: str, exclude_bos: bool = True,
-                 error_gradients: bool = True):
+                 error_gradients: bool = True, exclude_outliers: bool = True):
         super().__init__()
         self.dictionary = dictionary
         self.hook_name = hook_name
         self.exclude_bos = exclude_bos
+        self.exclude_outliers = exclude_outliers
         self.error_gradients = error_gradients
         for name in SPLICE_HOOKS:
             setattr(self, name, HookPoint())
@@ -78,12 +85,15 @@ class SplicedDictionary(nn.Module):
         return {f"{self.hook_name}.{name}": getattr(self, name) for name in SPLICE_HOOKS}
 
     def codes_of(self, x: torch.Tensor) -> torch.Tensor:
-        """[batch, pos, d_in] -> [batch, pos, n_features], zero at BOS when exclude_bos."""
+        """[batch, pos, d_in] -> [batch, pos, n_features], zero at BOS when exclude_bos and at massive
+        activations when exclude_outliers."""
         self.dictionary.check_input_width(x.shape[-1], self.hook_name)
         dtype = next(self.dictionary.parameters()).dtype
         codes = self.dictionary.encode(x.to(dtype))
         if self.exclude_bos and codes.ndim >= 3:
             codes = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, 1:]], dim=1)
+        if self.exclude_outliers and codes.ndim == 3:
+            codes = codes.masked_fill(outlier_positions(x)[..., None], 0.0)
         return codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +198,8 @@ def _as_mapping(dictionaries: Mapping[str, Dictionary] | Iterable[Dictionary] | 
 
 
 def splice_dictionaries(model, dictionaries: Mapping[str, Dictionary] | Iterable[Dictionary] | Dictionary,
-                        exclude_bos: bool = True, error_gradients: bool = True) -> Splice:
+                        exclude_bos: bool = True, error_gradients: bool = True, exclude_outliers: bool = True
+                        ) -> Splice:
     """Attach dictionaries ({hook: dictionary}, or dictionaries naming their hook in cfg) and return the Splice.
 
     Every hook and width is checked before anything is attached. The splice stays until `.remove()`;
@@ -199,11 +210,13 @@ def splice_dictionaries(model, dictionaries: Mapping[str, Dictionary] | Iterable
         raise ValueError("no dictionaries to splice")
     for hook, dictionary in mapping.items():
         check_dictionary_fits(model, hook, dictionary)
-    spliced = {hook: SplicedDictionary(dictionary, hook, exclude_bos, error_gradients)
+    spliced = {hook: SplicedDictionary(dictionary, hook, exclude_bos, error_gradients, exclude_outliers)
                for hook, dictionary in mapping.items()}
     return Splice(model, spliced).attach()
 
 
-def spliced(model, dictionaries, exclude_bos: bool = True, error_gradients: bool = True) -> Splice:
+def spliced(model, dictionaries, exclude_bos: bool = True, error_gradients: bool = True,
+            exclude_outliers: bool = True) -> Splice:
     """Alias of `splice_dictionaries` that reads well in `with spliced(model, saes): ...`."""
-    return splice_dictionaries(model, dictionaries, exclude_bos=exclude_bos, error_gradients=error_gradients)
+    return splice_dictionaries(model, dictionaries, exclude_bos=exclude_bos, error_gradients=error_gradients,
+                               exclude_outliers=exclude_outliers)

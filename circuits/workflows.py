@@ -14,6 +14,7 @@ import torch
 
 from circuits.evaluation import evaluate_dictionaries
 from circuits.models import model_name_of
+from circuits.splicing import hook_width
 from sae.activation_store import ActivationStore, harvest_activations, validate_hooks
 from sae.assets import atomic_write_text
 from sae.config import DictionaryConfig
@@ -42,6 +43,7 @@ class TrainRequest:
     checkpoint_every: int = 200
     resample_dead: bool = False
     resample_every: int = 2000
+    activations_dir: Path | None = None  # the activation store; None: <out_dir>/activations
 
     def dictionary_configs(self, d_in_of, model_name: str) -> list[DictionaryConfig]:
         """One config per (hook, L1 coefficient or k); `d_in_of(hook)` gives each hook's width."""
@@ -83,7 +85,8 @@ def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | 
                    ) -> list[TrainResult]:
     """Harvest activations at `request.hooks`, then train every requested SAE from that one harvest."""
     out_dir = Path(out_dir)
-    store = harvest_for_training(model, corpus, request, out_dir / "activations", progress)
+    store_dir = Path(request.activations_dir) if request.activations_dir is not None else out_dir / "activations"
+    store = harvest_for_training(model, corpus, request, store_dir, progress)
     training = TrainingConfig(
         total_tokens=int(request.epochs * store.n_tokens), batch_size=request.batch_size, lr=request.lr,
         seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
@@ -96,13 +99,6 @@ def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | 
                          f"{request.batch_size}; ask for more --tokens or a smaller --batch-size")
     configs = request.dictionary_configs(store.d_in, model_name_of(model))
     return train_dictionaries(store, configs, training, out_dir, progress=progress)
-
-
-def hook_width(model, hook: str) -> int | None:
-    """The activation width at a residual-stream-sized hook (d_model), None when not known without running."""
-    if hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")):
-        return model.cfg.d_model
-    return None
 
 
 def evaluate_folders(model, folders: list[Path], corpus: Corpus, tokens: int, context_size: int = 128,

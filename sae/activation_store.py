@@ -85,6 +85,8 @@ def harvest_activations(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _manifest_settings(model_name, hooks, dtype, contexts.shape[1], exclude_bos)
+    if _complete_superset(out_dir, settings, contexts.shape[0], metadata):
+        return ActivationStore(out_dir)
     manifest = _load_or_start_manifest(out_dir, settings, contexts.shape[0], metadata)
     done = sum(shard["n_contexts"] for shard in manifest["shards"])
     total = contexts.shape[0]
@@ -107,6 +109,20 @@ def harvest_activations(
     manifest["complete"] = True
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return ActivationStore(out_dir)
+
+
+def _complete_superset(out_dir: Path, settings: dict, n_contexts: int, metadata: dict | None) -> bool:
+    """Whether `out_dir` already holds a complete harvest of the same contexts with the same settings
+    at these hooks and maybe more (a store harvested for several hooks serves any of them)."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return False
+    manifest = json.loads(path.read_text())
+    same = all(manifest.get(key) == value for key, value in settings.items() if key != "hooks")
+    covers = set(settings["hooks"]) <= set(manifest.get("hooks", [])) and settings["hooks"] != manifest.get("hooks")
+    harvested = sum(shard["n_contexts"] for shard in manifest.get("shards", []))
+    same_text = metadata is None or manifest.get("metadata") == json.loads(json.dumps(metadata))
+    return bool(manifest.get("complete")) and same and covers and harvested == n_contexts and same_text
 
 
 def _load_or_start_manifest(out_dir: Path, settings: dict, n_contexts: int, metadata: dict | None) -> dict:

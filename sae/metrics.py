@@ -27,6 +27,25 @@ def typical_token_mask(x: torch.Tensor, factor: float = OUTLIER_NORM_FACTOR) -> 
     return norms <= factor * norms.median()
 
 
+def outlier_positions(activation: torch.Tensor, factor: float | None = OUTLIER_NORM_FACTOR,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, pos] bool: positions 1.. (within `lengths`, when given) whose norm in `activation`
+    [n, pos, d] exceeds `factor` times the median norm of that row's positions 1.. (none if factor is None).
+
+    With the default factor these are the massive activations that `typical_token_mask` leaves out
+    (position 0, BOS, is never one: it is handled apart everywhere)."""
+    norms = activation.detach().float().norm(dim=-1)  # [n, pos]
+    positions = torch.arange(norms.shape[1], device=norms.device)
+    real = positions[None, :] >= 1
+    if lengths is not None:
+        real = real & (positions[None, :] < lengths.to(norms.device)[:, None])
+    if factor is None or norms.shape[1] < 2:
+        return torch.zeros_like(real)
+    masked = norms.masked_fill(~real, float("nan"))
+    median = masked.nanmedian(dim=1, keepdim=True).values
+    return real & (norms > factor * median)
+
+
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over tokens [..., d]."""
     x = x.reshape(-1, x.shape[-1])

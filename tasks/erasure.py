@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuits.evaluation import _cross_entropy, _kl_clean_to, replacement_hook
-from circuits.workflows import hook_width
+from circuits.splicing import hook_width
 from sae.activation_store import validate_hooks
 from sae.assets import atomic_write_bytes, atomic_write_text
 from sae.baselines import random_basis

@@ -93,3 +93,23 @@ def test_damaged_shard_is_a_clear_error(tiny_llama, tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(StoreError, match="unreadable"):
         store.read_shard(0, ["blocks.1.hook_resid_post"])
+
+
+def test_a_complete_store_serves_a_subset_of_its_hooks(tiny_llama, tmp_path):
+    """One harvest at several hooks is reused by a later request for fewer of them, without a forward;
+    different contexts or settings are still refused."""
+    hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    contexts = _contexts(n=6)
+    harvest_activations(tiny_llama, contexts, hooks, tmp_path, dtype="float32", progress=False,
+                        metadata={"seed": 0})
+    before = sorted(path.stat().st_mtime_ns for path in tmp_path.glob("shard_*"))
+    subset = harvest_activations(tiny_llama, contexts, hooks[1:], tmp_path, dtype="float32", progress=False,
+                                 metadata={"seed": 0})
+    assert sorted(path.stat().st_mtime_ns for path in tmp_path.glob("shard_*")) == before
+    assert subset.hooks == hooks and subset.d_in(hooks[1]) == tiny_llama.cfg.d_model
+    with pytest.raises(StoreError, match="already holds a store"):
+        harvest_activations(tiny_llama, contexts, hooks[1:], tmp_path, dtype="float16", progress=False,
+                            metadata={"seed": 0})
+    with pytest.raises(StoreError, match="already holds a store"):
+        harvest_activations(tiny_llama, contexts, hooks[1:], tmp_path, dtype="float32", progress=False,
+                            metadata={"seed": 1})

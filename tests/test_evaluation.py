@@ -71,3 +71,15 @@ def test_massive_activation_outliers_do_not_dominate_fvu():
     assert sums.fvu() == pytest.approx(expected.item(), rel=1e-6)
     assert sums.fvu() > 0.2 and sums.fvu_all_tokens() < 0.01  # all-token FVU hides the error
     assert sums.tokens == 999 and sums.all_tokens == 1000
+
+
+def test_replacement_hook_keeps_the_protected_positions():
+    from circuits.evaluation import replacement_hook
+
+    activation = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    keep = torch.zeros(2, 4, dtype=torch.bool)
+    keep[1, 2] = True
+    edited = replacement_hook(torch.zeros_like, 1, keep)(activation)
+    assert torch.equal(edited[:, 0], activation[:, 0])
+    assert torch.equal(edited[1, 2], activation[1, 2])
+    assert (edited[0, 1:] == 0).all() and (edited[1, 1] == 0).all() and (edited[1, 3] == 0).all()

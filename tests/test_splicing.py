@@ -133,3 +133,20 @@ def test_bad_width_or_hook_is_rejected_before_attaching(tiny_llama):
         splice_dictionaries(tiny_llama, [random_sae(), random_sae(seed=1)])
     assert set(tiny_llama.hook_dict) == before
     assert not tiny_llama.hook_dict[HOOK].has_hooks()
+
+
+@torch.no_grad()
+def test_massive_activation_positions_are_passed_through_unedited():
+    """A position whose norm is far above its context's median gets no codes (like BOS): the error
+    term carries it, so no feature edit can touch it; exclude_outliers=False encodes it."""
+    from circuits.splicing import SplicedDictionary
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 32, generator=generator)
+    x[1, 4] *= 40.0
+    for exclude, expected in ((True, True), (False, False)):
+        part = SplicedDictionary(random_sae(), HOOK, exclude_outliers=exclude)
+        codes = part.codes_of(x)
+        assert bool((codes[1, 4] == 0).all()) is expected
+        assert (codes[1, 3] > 0).any() and (codes[0, 4] > 0).any()
+        torch.testing.assert_close(part(x), x)

@@ -340,3 +340,24 @@ def test_activation_scale_ignores_massive_activation_outliers():
     with_outlier[5] *= 5000.0
     assert activation_scale(with_outlier) == pytest.approx(activation_scale(x), rel=0.01)
     assert activation_scale(x) == pytest.approx(1.0, rel=0.05)
+
+
+def test_massive_activation_rows_are_left_out_of_training(tmp_path):
+    """A few rows 1000x larger than the rest (attention sinks) would dominate the loss; by default each
+    batch drops them, which gives a better SAE on the typical rows than training on them does."""
+    x, _ = sparse_data(6144, 16, 32, 3)
+    generator = torch.Generator().manual_seed(1)
+    massive = torch.randperm(x.shape[0], generator=generator)[:12]
+    with_outliers = x.clone()
+    with_outliers[massive] = torch.randn(12, 16, generator=generator) * 3000.0
+    typical = torch.ones(x.shape[0], dtype=torch.bool)
+    typical[massive] = False
+    cfg = DictionaryConfig("standard", d_in=16, d_sae=64, hook_name=HOOK_A, l1_coefficient=1e-3)
+    results = {}
+    for exclude in (True, False):
+        training = TrainingConfig(total_tokens=6144 * 6, batch_size=512, lr=3e-3, checkpoint_every=None,
+                                  exclude_outliers=exclude)
+        result = train_dictionaries(TensorBatchSource({HOOK_A: with_outliers}), [cfg], training,
+                                    tmp_path / str(exclude), progress=False)[0]
+        results[exclude] = activation_metrics(result.dictionary, [x[typical]])["fvu"]
+    assert results[True] < 0.6 * results[False]
