@@ -46,6 +46,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--prune-evals", type=int, default=16, help="exact evaluations for ACDC pruning (default 16)")
     parser.add_argument("--per-prompt", action="store_true",
                         help="give each prompt its own feature set (default: one set shared by all prompts)")
+    parser.add_argument("--patch-error", action="store_true",
+                        help="also patch the SAE error term from the counterfactual in every set (only features are "
+                             "counted); default: the error stays at its clean value")
     parser.add_argument("--names", help="comma-separated IO/S names to use (each must be one token)")
     parser.add_argument("--train-tokens", type=_positive_int, default=TRAIN_TOKENS,
                         help=f"tokens to train an SAE on when none is found (default {TRAIN_TOKENS:,})")
@@ -181,7 +184,7 @@ def run(args) -> None:
     dictionaries = {**saes, **cached_baselines(model, hook, baselines, args, first,
                                               store if store.exists() else None, out)}
     settings = SearchSettings(kl_target=args.kl_target, confirm_top=args.confirm_top, prune_evals=args.prune_evals,
-                              feature_sets="per_prompt" if args.per_prompt else "shared")
+                              feature_sets="per_prompt" if args.per_prompt else "shared", patch_error=args.patch_error)
     if args.kl_target_fraction is not None:
         settings.kl_target_fraction = args.kl_target_fraction
     result = run_ioi_benchmark(model, dictionaries, hook, args.prompts, out, seed=args.seed, settings=settings,

@@ -96,6 +96,17 @@ def test_per_prompt_feature_sets(tiny_llama, tmp_path):
                           settings=SearchSettings(feature_sets="each"), progress=False)
 
 
+def test_patching_the_error_too_reaches_the_counterfactual_with_every_feature(tiny_llama, tmp_path):
+    """With patch_error the error term comes from the counterfactual in every set, so an SAE patched
+    in full reproduces the counterfactual (KL 0), and the error-only set is on the curve."""
+    settings = SearchSettings(confirm_top=0, prune_evals=2, bisect_evals=1, patch_error=True)
+    result = run_ioi_benchmark(tiny_llama, {"sae": random_sae(hook=HOOK)}, HOOK, 6, tmp_path, settings=settings,
+                               progress=False)
+    row = result.summary.iloc[0]
+    assert abs(row["kl_all_features"]) < 1e-4 < row["kl_unpatched"]
+    assert "error_only" in set(result.curves["method"])
+
+
 def test_names_that_are_not_single_tokens_are_rejected(tiny_llama, tmp_path):
     with pytest.raises(IOIDataError, match="Bartholomew"):
         run_ioi_benchmark(tiny_llama, {"sae": random_sae(hook=HOOK)}, HOOK, 4, tmp_path,
