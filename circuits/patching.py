@@ -260,31 +260,30 @@ def _recorder(store: list, offset: int):
     return record
 
 
+def _map_tensors(value, fn):
+    """Apply `fn` to every tensor inside nested tuples, lists and dicts (other values pass through)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(item, fn) for item in value)
+    if isinstance(value, list):
+        return [_map_tensors(item, fn) for item in value]
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, fn) for key, item in value.items()}
+    return value
+
+
 def _tile(value, copies: int, m: int):
     """Repeat every tensor whose first dimension is the bucket's row count `copies` times (set-major)."""
     if copies == 1:
         return value
-    if isinstance(value, torch.Tensor):
-        return value.repeat(copies, *([1] * (value.ndim - 1))) if value.ndim >= 2 and value.shape[0] == m else value
-    if isinstance(value, tuple):
-        return tuple(_tile(item, copies, m) for item in value)
-    if isinstance(value, list):
-        return [_tile(item, copies, m) for item in value]
-    if isinstance(value, dict):
-        return {key: _tile(item, copies, m) for key, item in value.items()}
-    return value
+    return _map_tensors(value, lambda t: t.repeat(copies, *([1] * (t.ndim - 1)))
+                        if t.ndim >= 2 and t.shape[0] == m else t)
 
 
 def _take_rows(value, keep: int, m: int):
-    if isinstance(value, torch.Tensor):
-        return value[:keep] if value.ndim >= 2 and value.shape[0] == m and m > 1 else value
-    if isinstance(value, tuple):
-        return tuple(_take_rows(item, keep, m) for item in value)
-    if isinstance(value, list):
-        return [_take_rows(item, keep, m) for item in value]
-    if isinstance(value, dict):
-        return {key: _take_rows(item, keep, m) for key, item in value.items()}
-    return value
+    """The first `keep` rows of every tensor whose first dimension is the bucket's row count."""
+    return _map_tensors(value, lambda t: t[:keep] if t.ndim >= 2 and t.shape[0] == m and m > 1 else t)
 
 
 # ---------------------------------------------------------------------------------------------
