@@ -35,7 +35,7 @@ def main() -> None:
     from sae.activation_store import ActivationStore, collect_activations
     from sae.config import DictionaryConfig
     from sae.corpus import load_corpus, tokenize_contexts
-    from sae.metrics import typical_token_mask
+    from sae.metrics import fvu, l0, typical_token_mask
     from sae.training import TrainingConfig, train_dictionaries
 
     store = ActivationStore(args.store)
@@ -59,9 +59,8 @@ def main() -> None:
         for config, result in zip(configs, results):
             with torch.no_grad():
                 reconstruction, codes = result.dictionary(typical)
-            fvu = ((typical - reconstruction) ** 2).sum() / ((typical - typical.mean(0)) ** 2).sum()
-            rows.append({"exclude_outliers": exclude, "l1": config.l1_coefficient,
-                         "l0": (codes != 0).sum(-1).float().mean().item(), "fvu": fvu.item(), "seconds": seconds})
+            rows.append({"exclude_outliers": exclude, "l1": config.l1_coefficient, "l0": l0(codes).item(),
+                         "fvu": fvu(typical, reconstruction).item(), "seconds": seconds})
     print(f"\n{args.hook}, {args.tokens:,} training tokens, held-out typical tokens: {typical.shape[0]:,}")
     print(f"{'outliers':<10} {'alpha':>8} {'L0':>7} {'FVU':>7}")
     for row in rows:
