@@ -52,7 +52,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "folder, or hf:NAME[:SPLIT[:FIELD]]")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (shared by every subcommand)."""
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
@@ -62,7 +63,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-circuits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fetch = commands.add_parser("fetch", help="obtain the default model and corpus into the cache")
@@ -78,28 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(train)
     train.add_argument("--hook", action="append", required=True, metavar="HOOK",
                        help="TransformerLens hook name, e.g. blocks.12.hook_resid_post (repeat for several)")
-    train.add_argument("--tokens", type=_positive_int, default=2_000_000, help="tokens to harvest (default 2M)")
+    train.add_argument("--tokens", type=positive_int, default=2_000_000, help="tokens to harvest (default 2M)")
     train.add_argument("--epochs", type=float, default=1.0, help="passes over the harvested tokens (default 1)")
     train.add_argument("--out", required=True, type=Path, help="output folder")
     train.add_argument("--arch", choices=["relu", "topk"], default="relu",
                        help="relu: the paper's ReLU + L1 SAE (default); topk: k active features")
-    train.add_argument("--expansion", type=_positive_int, default=4, help="d_sae / d_in (the paper's R; default 4)")
+    train.add_argument("--expansion", type=positive_int, default=4, help="d_sae / d_in (the paper's R; default 4)")
     train.add_argument("--l1", type=float, nargs="+", default=[1e-3],
                        help="L1 coefficient(s) alpha; several train a sweep from one harvest (default 1e-3)")
-    train.add_argument("--k", type=_positive_int, nargs="+", default=[32], help="TopK: active features (default 32)")
+    train.add_argument("--k", type=positive_int, nargs="+", default=[32], help="TopK: active features (default 32)")
     tied = train.add_mutually_exclusive_group()
     tied.add_argument("--tied", dest="tied", action="store_true", default=True,
                       help="encoder = decoder transpose, as in the paper (default)")
     tied.add_argument("--untied", dest="tied", action="store_false", help="separate encoder weights")
-    train.add_argument("--context-size", type=_positive_int, default=128)
-    train.add_argument("--batch-size", type=_positive_int, default=4096, help="activations per training step")
+    train.add_argument("--context-size", type=positive_int, default=128)
+    train.add_argument("--batch-size", type=positive_int, default=4096, help="activations per training step")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--activations", type=Path, metavar="DIR",
                        help="activation store to harvest into or reuse (default OUT/activations); a complete store "
                             "harvested with the same settings for these hooks and more is reused as it is")
     train.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     train.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
-    train.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps between checkpoints")
+    train.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--evaluate-tokens", type=int, default=0,
                        help="after training, evaluate on this many held-out tokens (0: skip)")
@@ -111,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(evaluate)
     evaluate.add_argument("--sae", required=True, type=Path,
                           help="a dictionary folder (sae_weights.safetensors + cfg.json) or a folder of them")
-    evaluate.add_argument("--tokens", type=_positive_int, default=20_000, help="held-out tokens (default 20k)")
-    evaluate.add_argument("--context-size", type=_positive_int, default=128)
-    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument("--tokens", type=positive_int, default=20_000, help="held-out tokens (default 20k)")
+    evaluate.add_argument("--context-size", type=positive_int, default=128)
+    evaluate.add_argument("--batch-size", type=positive_int, default=8)
     evaluate.add_argument("--json", type=Path, help="also write all results to this JSON file")
 
     from circuits import cli_erase, cli_ioi, cli_trace

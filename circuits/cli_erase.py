@@ -10,14 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from circuits.cli import positive_int
 from circuits.models import DEFAULT_MODEL
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -42,19 +36,19 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="'gender' (built in) or a JSON file of prompts (see tasks.erasure.load_concept_splits)")
     parser.add_argument("--layers", type=int, nargs="+",
                         help="use the dictionaries at blocks.L.hook_resid_post for these L (default: every one found)")
-    parser.add_argument("--k", type=_positive_int, nargs="+", default=list(DEFAULT_KS),
+    parser.add_argument("--k", type=positive_int, nargs="+", default=list(DEFAULT_KS),
                         help=f"numbers of features to remove (default {' '.join(map(str, DEFAULT_KS))})")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
                         help=f"methods to run, among {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--ce-tokens", type=_positive_int, default=1024,
+    parser.add_argument("--ce-tokens", type=positive_int, default=1024,
                         help="held-out tokens for the KL / CE damage (default 1024)")
-    parser.add_argument("--context-size", type=_positive_int, default=64, help="held-out context length (default 64)")
-    parser.add_argument("--prompts-per-side", type=_positive_int,
+    parser.add_argument("--context-size", type=positive_int, default=64, help="held-out context length (default 64)")
+    parser.add_argument("--prompts-per-side", type=positive_int,
                         help="subsample the test and transfer splits to at most this many prompts per side "
                              "(default: all; the train split is always used whole)")
-    parser.add_argument("--shots", type=_positive_int, default=2, help="gender: few-shot examples per side (default 2)")
+    parser.add_argument("--shots", type=positive_int, default=2, help="gender: few-shot examples per side (default 2)")
     parser.add_argument("--no-transfer", action="store_true", help="skip the transfer split (pronouns for gender)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     return parser

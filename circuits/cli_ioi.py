@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from circuits.cli import positive_int
+
 DEFAULT_BASELINES = "pca,ica,neurons,random,dense"
 TRAIN_TOKENS = 100_000  # the command's own SAE: tied ReLU, ratio 4; on SmolLM2 blocks.18 these settings
 TRAIN_L1 = 1e-3  # gave L0 188, FVU 0.22 (2e-3: L0 80, FVU 0.35, too lossy to reach the KL target; lr 1e-3: FVU ~0.5)
@@ -33,10 +35,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--corpus", default="registry", help="text for fitting baselines / training an SAE")
     parser.add_argument("--sae", type=Path, help="SAE folder, or a parent of several (default: cached or trained)")
     parser.add_argument("--hook", help="hook point (default: the SAE's, else blocks.{0.6 n_layers}.hook_resid_post)")
-    parser.add_argument("--prompts", type=_positive_int, default=50, help="IOI prompts (default 50)")
+    parser.add_argument("--prompts", type=positive_int, default=50, help="IOI prompts (default 50)")
     parser.add_argument("--baselines", default=DEFAULT_BASELINES,
                         help=f"comma-separated baselines, or 'none' (default {DEFAULT_BASELINES})")
-    parser.add_argument("--baseline-tokens", type=_positive_int, default=20_000,
+    parser.add_argument("--baseline-tokens", type=positive_int, default=20_000,
                         help="activations the baselines are fitted on (default 20k)")
     parser.add_argument("--kl-target", type=float, help="absolute KL target (default: a fraction of the unpatched KL)")
     parser.add_argument("--kl-target-fraction", type=float, default=None,
@@ -50,18 +52,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="also patch the SAE error term from the counterfactual in every set (only features are "
                              "counted); default: the error stays at its clean value")
     parser.add_argument("--names", help="comma-separated IO/S names to use (each must be one token)")
-    parser.add_argument("--train-tokens", type=_positive_int, default=TRAIN_TOKENS,
+    parser.add_argument("--train-tokens", type=positive_int, default=TRAIN_TOKENS,
                         help=f"tokens to train an SAE on when none is found (default {TRAIN_TOKENS:,})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="output folder (default <cache>/ioi/<hook>)")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def default_hook(model) -> str:
