@@ -16,7 +16,7 @@ import time
 import torch
 
 from circuits.models import load_model
-from sae.activation_store import collect_activations
+from circuits.harvest import collect_activations
 from sae.corpus import load_corpus, tokenize_contexts
 
 

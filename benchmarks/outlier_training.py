@@ -32,7 +32,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from circuits.models import load_model
-    from sae.activation_store import ActivationStore, collect_activations
+    from circuits.harvest import collect_activations
+    from sae.activation_store import ActivationStore
     from sae.config import DictionaryConfig
     from sae.corpus import load_corpus, tokenize_contexts
     from sae.metrics import fvu, l0, typical_token_mask

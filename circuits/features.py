@@ -6,12 +6,9 @@ max-activating examples (the top ones, or a seeded sample of those firing betwee
 the feature's maximum, as the paper's Section 5.3 picks contexts), the tokens a feature fires on
 most, and an automatic choice of an active, interpretable-looking feature to trace.
 
-The BOS position is never scanned: in SmolLM2 its residual is a huge outlier that no dictionary is
-trained on, so "max activation" always means over positions 1.. of a context. SmolLM2 has more such
-positions in its early and middle layers (about 2% of tokens, mostly " the", with residual norms
-2.5 to 9 times the context's median, where ordinary tokens stay below 1.6 times):
-`outlier_positions` finds them (norm above OUTLIER_FACTOR times the median) and the scan skips them
-too, so no feature's examples are picked for what it does at an outlier.
+The engine's passed-through positions are never scanned (circuits.engine.positions: BOS, whose
+residual in SmolLM2 is a huge outlier no dictionary is trained on, and the massive activations), so
+"max activation" always means over the positions a dictionary actually encodes.
 
 Direct logit effect: a feature's decoder direction pushed through the final norm's linear part
 (its elementwise weight; for LayerNorm also the centering) and the unembedding, the logits it
@@ -27,11 +24,9 @@ import networkx as nx
 import torch
 from tqdm.auto import tqdm
 
-from sae.activation_store import stop_layer_for, validate_hooks
+from circuits.engine import encode_codes, passthrough_positions
+from circuits.hooks import stop_layer, validate_hooks
 from sae.dictionary import Dictionary
-from sae.metrics import outlier_positions  # noqa: F401  (re-exported: the scan's rule)
-
-OUTLIER_FACTOR = 2.0  # residual norm / the context's median norm above which a position is an outlier
 
 
 class ActivatingExample(NamedTuple):
@@ -77,15 +72,15 @@ class FeatureScan:
 
 @torch.no_grad()
 def scan_features(model, dictionaries: dict[str, Dictionary], tokens: torch.Tensor, batch_size: int = 8,
-                  outlier_factor: float | None = OUTLIER_FACTOR, progress: bool = True) -> FeatureScan:
+                  progress: bool = True) -> FeatureScan:
     """Run `model` over `tokens` [n, pos] (BOS first) and record every feature's per-context maximum,
-    skipping BOS and the outlier positions (see `outlier_positions`) of each hook."""
+    skipping the engine's passed-through positions (BOS, massive activations) of each hook."""
     hooks = list(dictionaries)
     validate_hooks(model, hooks)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [n_contexts, pos] with pos >= 2 (BOS + text), got {tuple(tokens.shape)}")
     device = next(model.parameters()).device
-    stop = stop_layer_for(hooks, model.cfg.n_layers)
+    stop = stop_layer(hooks, model.cfg.n_layers)
     maxima = {hook: [] for hook in hooks}
     positions = {hook: [] for hook in hooks}
     fired = {hook: torch.zeros(d.n_features, dtype=torch.float64) for hook, d in dictionaries.items()}
@@ -96,8 +91,9 @@ def scan_features(model, dictionaries: dict[str, Dictionary], tokens: torch.Tens
         _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop)
         for hook, dictionary in dictionaries.items():
             activation = cache[hook].float()
-            kept = ~outlier_positions(activation, outlier_factor)[:, 1:, None]  # [b, pos - 1, 1]
-            codes = dictionary.encode(activation[:, 1:]) * kept  # [b, pos - 1, n_features]
+            passthrough = passthrough_positions(activation)
+            kept = ~passthrough[:, 1:, None]  # [b, pos - 1, 1]
+            codes = encode_codes(dictionary, activation, passthrough)[:, 1:]  # [b, pos - 1, n_features]
             best, where = codes.max(dim=1)
             maxima[hook].append(best.cpu())
             positions[hook].append(where.cpu() + 1)
@@ -111,14 +107,12 @@ def scan_features(model, dictionaries: dict[str, Dictionary], tokens: torch.Tens
 
 
 def scan_corpus(model, dictionaries: dict[str, Dictionary], corpus, n_contexts: int = 200, context_size: int = 64,
-                split: str = "train", seed: int = 0, batch_size: int = 8, outlier_factor: float | None = OUTLIER_FACTOR,
-                progress: bool = True) -> FeatureScan:
+                split: str = "train", seed: int = 0, batch_size: int = 8, progress: bool = True) -> FeatureScan:
     """Tokenize `n_contexts` contexts of the corpus and scan them (see `scan_features`)."""
     from sae.corpus import tokenize_contexts
 
     tokens = tokenize_contexts(corpus, model.tokenizer, context_size, n_contexts, split=split, seed=seed)
-    return scan_features(model, dictionaries, tokens, batch_size=batch_size, outlier_factor=outlier_factor,
-                         progress=progress)
+    return scan_features(model, dictionaries, tokens, batch_size=batch_size, progress=progress)
 
 
 # --- examples and tokens ----------------------------------------------------------------------

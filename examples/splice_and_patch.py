@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from circuits.models import load_model
-from circuits.patching import CachedRun, FeaturePatcher, KLTo, LogitDifference
-from circuits.splicing import splice_dictionaries
+from circuits.engine import CachedRun, FeaturePatcher
+from circuits.metrics import KLTo, LogitDifference
+from circuits.engine import splice_dictionaries
 from sae.assets import cache_dir
 from sae.io import load_dictionary
 from tasks.ioi_data import generate_ioi_prompts, tokenize_ioi

@@ -1,7 +1,6 @@
-"""Harvesting activations at several hook points in one pass, into an on-disk store of shards.
+"""The on-disk activation store: shards of activations at hook points, written and read back.
 
-One forward pass per batch of contexts collects every requested hook point and stops after the
-deepest one (`stop_at_layer`), so harvesting layer L of N costs about (L+1)/N of a full forward.
+Harvesting (running a model) lives in circuits.harvest; this module only knows tensors at hooks.
 Shards are safetensors files `shard_NNNNN.safetensors` holding `{hook: [tokens, d_in]}`; `manifest.json`
 records the model, hooks, widths, dtype, and which contexts each shard holds. A shard is written
 under a temporary name and renamed, then the manifest is rewritten the same way, so a kill or a full
@@ -10,7 +9,6 @@ disk leaves the store at its last complete shard; harvesting again with the same
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
@@ -19,11 +17,9 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from sae.assets import atomic_write_text
 from sae.batches import epoch_permutation
-from sae.config import layer_of_hook
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MANIFEST = "manifest.json"
@@ -33,82 +29,45 @@ class StoreError(ValueError):
     """The activation store is missing, inconsistent, or does not match the request."""
 
 
-def validate_hooks(model, hooks: list[str]) -> None:
-    """Every hook must be a hook point of `model`; unknown ones are named with close valid names."""
-    valid = list(model.hook_dict.keys())
-    for hook in hooks:
-        if hook not in model.hook_dict:
-            close = difflib.get_close_matches(hook, valid, n=5, cutoff=0.6)
-            hint = f"; close valid names: {', '.join(close)}" if close else ""
-            raise ValueError(f"unknown hook point {hook!r} for this model{hint} "
-                             f"(the model has {model.cfg.n_layers} blocks, 0..{model.cfg.n_layers - 1})")
+class StoreWriter:
+    """Appends shards to a store folder, resuming a partial store written with the same settings.
+
+    `settings` (model, hooks, dtype, context size, BOS handling, ...) are what must match for a
+    store to be resumed or reused; `metadata` (corpus, seed, ...) must match too for reuse.
+    """
+
+    def __init__(self, out_dir: str | Path, settings: dict, n_contexts: int, metadata: dict | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.settings, self.n_contexts, self.metadata = settings, n_contexts, metadata
+        self.manifest: dict | None = None
+
+    def complete_superset(self) -> bool:
+        """Whether the folder already holds a complete harvest of these contexts with these settings,
+        at these hooks and maybe more (a store harvested for several hooks serves any of them)."""
+        return _complete_superset(self.out_dir, self.settings, self.n_contexts, self.metadata)
+
+    def start(self) -> int:
+        """Open (or resume) the store; returns how many contexts are already harvested."""
+        self.manifest = _load_or_start_manifest(self.out_dir, self.settings, self.n_contexts, self.metadata)
+        return sum(shard["n_contexts"] for shard in self.manifest["shards"])
+
+    def write(self, shard: dict[str, torch.Tensor], first_context: int, n_contexts: int) -> None:
+        """Write one shard {hook: [tokens, d]} atomically, then the manifest."""
+        _write_shard(self.out_dir, self.manifest, shard, first_context, n_contexts)
+
+    def finish(self) -> "ActivationStore":
+        self.manifest["complete"] = True
+        atomic_write_text(self.out_dir / MANIFEST, json.dumps(self.manifest, indent=2))
+        return ActivationStore(self.out_dir)
 
 
-def stop_layer_for(hooks: list[str], n_layers: int) -> int | None:
-    """The `stop_at_layer` that still computes every hook (None: a hook past the blocks needs all)."""
-    layers = [layer_of_hook(hook) for hook in hooks]
-    if any(layer is None for layer in layers):
-        return None
-    deepest = max(layers)
-    return deepest + 1 if deepest + 1 < n_layers else None
-
-
-def collect_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """{hook: [batch, pos, d]} for one batch of token ids, stopping after the deepest hook."""
-    stop = stop_layer_for(hooks, model.cfg.n_layers)
-    _, cache = model.run_with_cache(tokens, names_filter=list(hooks), stop_at_layer=stop)
-    return {hook: cache[hook] for hook in hooks}
-
-
-def _manifest_settings(model_name: str, hooks: list[str], dtype: str, context_size: int, exclude_bos: bool) -> dict:
-    return {"model": model_name, "hooks": list(hooks), "dtype": dtype, "context_size": context_size,
-            "exclude_bos": exclude_bos}
-
-
-def harvest_activations(
-    model,
-    contexts: torch.Tensor,
-    hooks: list[str],
-    out_dir: str | Path,
-    dtype: str = "float16",
-    batch_size: int = 16,
-    exclude_bos: bool = True,
-    contexts_per_shard: int = 256,
-    model_name: str = "",
-    metadata: dict | None = None,
-    progress: bool = True,
-) -> "ActivationStore":
-    """Run `model` over `contexts` [n, ctx] and store activations at `hooks` (resumes a partial store)."""
+def store_settings(model_name: str, hooks: list[str], dtype: str, context_size: int, exclude_bos: bool) -> dict:
+    """The settings a store records and checks on resume."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    validate_hooks(model, hooks)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = _manifest_settings(model_name, hooks, dtype, contexts.shape[1], exclude_bos)
-    if _complete_superset(out_dir, settings, contexts.shape[0], metadata):
-        return ActivationStore(out_dir)
-    manifest = _load_or_start_manifest(out_dir, settings, contexts.shape[0], metadata)
-    done = sum(shard["n_contexts"] for shard in manifest["shards"])
-    total = contexts.shape[0]
-    bar = tqdm(total=total, initial=done, desc="harvest", unit="ctx", disable=not progress)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        while done < total:
-            block = contexts[done : done + contexts_per_shard]
-            pieces: dict[str, list[torch.Tensor]] = {hook: [] for hook in hooks}
-            for start in range(0, block.shape[0], batch_size):
-                batch = block[start : start + batch_size].to(device)
-                for hook, value in collect_activations(model, batch, hooks).items():
-                    value = value[:, 1:] if exclude_bos else value
-                    pieces[hook].append(value.reshape(-1, value.shape[-1]).to("cpu", DTYPES[dtype]))
-                bar.update(batch.shape[0])
-            shard = {hook: torch.cat(parts).contiguous() for hook, parts in pieces.items()}
-            _write_shard(out_dir, manifest, shard, done, block.shape[0])
-            done += block.shape[0]
-    bar.close()
-    manifest["complete"] = True
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-    return ActivationStore(out_dir)
+    return {"model": model_name, "hooks": list(hooks), "dtype": dtype, "context_size": context_size,
+            "exclude_bos": exclude_bos}
 
 
 def _complete_superset(out_dir: Path, settings: dict, n_contexts: int, metadata: dict | None) -> bool:

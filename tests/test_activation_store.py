@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from sae.activation_store import ActivationStore, StoreError, harvest_activations, stop_layer_for, validate_hooks
+from circuits.harvest import harvest_activations
+from circuits.hooks import stop_layer as stop_layer_for, validate_hooks
+from sae.activation_store import ActivationStore, StoreError
 
 
 def _contexts(n=12, ctx=8, vocab=40, seed=0):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sae.activation_store import collect_activations, harvest_activations
+from circuits.harvest import collect_activations, harvest_activations
 from sae.io import save_dictionary
 from tasks.ioi_benchmark import (
     CURVE_COLUMNS,
@@ -125,7 +125,7 @@ def test_a_dictionary_of_the_wrong_width_is_rejected_before_running(tiny_llama, 
 
 
 def test_cli_runs_with_an_sae_folder_and_reuses_its_activations(tiny_llama_folder, tiny_llama, tmp_path, capsys):
-    from circuits import cli_ioi
+    from sparse_circuits.cli import ioi as cli_ioi
 
     saes = tmp_path / "saes"
     save_dictionary(random_sae(hook=HOOK), saes / HOOK)
@@ -146,7 +146,7 @@ def test_cli_runs_with_an_sae_folder_and_reuses_its_activations(tiny_llama_folde
 
 @pytest.mark.integration
 def test_real_model_splicing_is_exact_and_the_benchmark_runs(real_model, tmp_path):
-    from circuits.splicing import splice_dictionaries
+    from circuits.engine import splice_dictionaries
     from sae.baselines import fit_pca
     from tasks.ioi_data import generate_ioi_prompts, tokenize_ioi
 

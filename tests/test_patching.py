@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.patching import (
-    CachedRun,
-    FeaturePatcher,
-    KLTo,
-    LogitDifference,
-    TokenProbability,
-    length_buckets,
-    resume_block,
-    spearman,
-)
-from circuits.splicing import splice_dictionaries
+from circuits.engine import CachedRun, FeaturePatcher, length_buckets, splice_dictionaries
+from circuits.hooks import resume_block
+from circuits.metrics import KLTo, LogitDifference, TokenProbability, spearman
 from test_splicing import random_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -48,9 +40,9 @@ def metrics_for(run: CachedRun) -> dict:
 
 
 def test_resume_block_names():
-    assert resume_block("blocks.3.hook_resid_post", 4) == 4
-    assert resume_block("blocks.3.hook_resid_pre", 4) == 3
-    assert resume_block("blocks.3.hook_mlp_out", 4) is None
+    assert resume_block("blocks.3.hook_resid_post") == 4
+    assert resume_block("blocks.3.hook_resid_pre") == 3
+    assert resume_block("blocks.3.hook_mlp_out") is None
 
 
 def test_length_buckets_cover_every_row_once():
@@ -133,7 +125,7 @@ def test_modes_and_edit_norm(llama_run):
     assert zero.values["kl"][0].item() == pytest.approx(set_zero.values["kl"][0].item(), abs=1e-7)
     # edit norm: mean over prompts of the norm of (0 - c_3) * W_dec[3] over positions 1..final
     per_prompt = []
-    for bucket, codes in zip(llama_run.buckets, patcher._codes):
+    for bucket, codes in zip(llama_run.buckets, patcher.codes):
         for row, final in enumerate(bucket.final.tolist()):
             per_prompt.append(codes[row, 1 : final + 1, 3].pow(2).sum().sqrt() * sae.W_dec[3].norm())
     per_prompt = torch.stack(per_prompt)

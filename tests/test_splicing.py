@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.splicing import SPLICE_HOOKS, splice_dictionaries, spliced
+from circuits.engine import SPLICE_HOOKS, splice_dictionaries, spliced
 from sae.config import DictionaryConfig
 from sae.relu import ReluSAE
 
@@ -139,7 +139,7 @@ def test_bad_width_or_hook_is_rejected_before_attaching(tiny_llama):
 def test_massive_activation_positions_are_passed_through_unedited():
     """A position whose norm is far above its context's median gets no codes (like BOS): the error
     term carries it, so no feature edit can touch it; exclude_outliers=False encodes it."""
-    from circuits.splicing import SplicedDictionary
+    from circuits.engine import SplicedDictionary
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 32, generator=generator)

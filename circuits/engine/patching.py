@@ -1,106 +1,43 @@
-"""Patching dictionary features and measuring what it does to the model's output.
+"""Patching dictionary features at one hook and measuring the output, run from that layer onward.
 
 `CachedRun` runs a set of prompts (and their counterfactuals) through the model once and keeps the
-activation at one hook point. Patched activations are then run *from that layer onward*: the inputs
-each later block received in the full forward (attention mask, rotary embeddings, ...) are captured
-and replayed, so the prefix is not recomputed. The bridge's own `start_at_layer` does not help here:
-it still executes every block below the start (their output is discarded). The replay is checked
-against the full forward when the run is built; where it does not reproduce the logits (or the hook
-is not a residual-stream hook), a full forward with a replacing hook is used instead.
+activation at one hook point; edited activations are then replayed through the later blocks only
+(circuits.engine.replay), checked against the full forward when the run is built, with a full
+forward and a replacing hook as the fallback.
 
-`FeaturePatcher` edits one dictionary's features at that hook. An edit of the codes c -> c' changes
-the activation by (c' - c) @ W_dec, exactly what the spliced model does (circuits/splicing.py), the
-error term staying at its clean value unless `include_error`. Modes: "patch" (values from the
-counterfactual run, encoded with the same dictionary), "zero", "mean" (mean clean code over the
-prompts' patched positions, or given), "scale" (c' = value * c) and "set" (c' = value).
-Positions: by default every position but BOS (position 0), which stays unedited.
+`FeaturePatcher` edits one dictionary's features there. An edit of the codes c -> c' changes the
+activation by (c' - c) @ W_dec, exactly what the spliced model does, the error term staying at its
+clean value unless `include_error`. Modes: "patch" (values from the counterfactual run, encoded
+with the same dictionary), "zero", "mean" (mean clean code over the prompts' patched positions, or
+given), "scale" (c' = value * c) and "set" (c' = value). Positions: every position but the engine's
+passed-through ones (BOS and massive activations, circuits.engine.positions), or a subset given.
 
-Metrics read the final-position logits of each prompt: `KLTo` (KL(patched || target)),
-`LogitDifference`, `TokenProbability`, or any callable (final_logits [..., m, vocab], rows [m]) -> [..., m].
-
-Gradient attribution estimates every feature's effect at once: effect_i ~ sum over prompts and positions
-of (c'_i - c_i) * d metric / d c_i, from one forward and one backward pass from the hook on.
-`edit_norm` of a set = mean over prompts of the L2 norm of the whole edit, taken over all positions
-and d_in together (sqrt of the sum over positions of |delta x_pos|^2).
+Metrics (circuits.metrics) read the final-position logits of each prompt. `attribution()` estimates
+every feature's effect with the one attribution function (circuits.attribution) from gradients taken
+through the replay; `check_attribution()` confirms the top ones by exact patching.
+`edit_norm` of a set = mean over prompts of the L2 norm of the whole edit (all positions and d_in).
 """
 
 from __future__ import annotations
 
-import re
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from circuits.attribution import Attribution, attribution_scores
+from circuits.engine.positions import encode_codes, passthrough_positions
+from circuits.engine.replay import PrefixReplay
+from circuits.hooks import validate_hooks
+from circuits.metrics import Metric, spearman
 from sae.dictionary import Dictionary
 
 MODES = ("patch", "zero", "mean", "scale", "set")
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
-_RESUME_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics: final-position logits [..., m, vocab] of rows [m] -> [..., m]
-
-
-class KLTo:
-    """KL(patched || target) of the next-token distributions, per prompt."""
-
-    def __init__(self, target_logits: torch.Tensor):
-        self.target = F.log_softmax(target_logits.float(), dim=-1)  # [n, vocab]
-
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=-1)
-        return (log_p.exp() * (log_p - self.target[rows])).sum(-1)
-
-
-class LogitDifference:
-    """logit[correct] - logit[wrong] per prompt (for IOI: IO minus S)."""
-
-    def __init__(self, correct: torch.Tensor, wrong: torch.Tensor):
-        self.correct, self.wrong = correct.long(), wrong.long()
-
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return _pick(logits, self.correct[rows]) - _pick(logits, self.wrong[rows])
-
-
-class TokenProbability:
-    """The probability of one given token per prompt."""
-
-    def __init__(self, tokens: torch.Tensor):
-        self.tokens = tokens.long()
-
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return _pick(torch.softmax(logits.float(), dim=-1), self.tokens[rows])
-
-
-def _pick(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """values [..., m, vocab], tokens [m] -> [..., m]."""
-    index = tokens.to(values.device).expand(*values.shape[:-1]).unsqueeze(-1)
-    return values.gather(-1, index).squeeze(-1).float()
-
-
-Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# running from the hook onward
-
-
-def resume_block(hook: str, n_layers: int) -> int | None:
-    """The first block to run after an activation at `hook`; None when it is not a residual-stream hook."""
-    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
-    if match is None:
-        return None
-    layer = int(match.group(1))
-    return layer if match.group(2) == "pre" else layer + 1
 
 
 @dataclass
-class _Bucket:
+class Bucket:
     """Prompts of similar length run together, right-padded to `tokens.shape[1]`."""
 
     rows: torch.Tensor  # [m] indices into the prompt list
@@ -108,7 +45,7 @@ class _Bucket:
     final: torch.Tensor  # [m] each row's final position
     clean: torch.Tensor | None = None  # [m, length, d] activation at the hook
     counterfactual: torch.Tensor | None = None
-    block_inputs: list | None = None  # per later block: (args, kwargs) it received
+    replay: PrefixReplay | None = None
 
 
 def length_buckets(final_positions: torch.Tensor, max_padding: float = 0.15) -> list[torch.Tensor]:
@@ -127,13 +64,17 @@ def length_buckets(final_positions: torch.Tensor, max_padding: float = 0.15) -> 
     return [torch.tensor(rows, dtype=torch.long) for rows in buckets]
 
 
+def final_logits(logits: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """logits [m, pos, vocab] at each row's final position -> [m, vocab]."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, final.to(logits.device)]
+
+
 class CachedRun:
     """Clean (and counterfactual) prompts run once; activations at `hook` kept for patching from there on."""
 
     def __init__(self, model, hook: str, tokens: torch.Tensor, final_positions: torch.Tensor,
                  counterfactual_tokens: torch.Tensor | None = None, resume: bool = True, progress: bool = False):
-        from sae.activation_store import validate_hooks
-
         validate_hooks(model, [hook])
         if counterfactual_tokens is not None and counterfactual_tokens.shape != tokens.shape:
             raise ValueError(f"counterfactual tokens {tuple(counterfactual_tokens.shape)} must have the clean "
@@ -141,43 +82,37 @@ class CachedRun:
         self.model, self.hook = model, hook
         self.n_prompts = tokens.shape[0]
         self.device = next(model.parameters()).device
-        self.start_block = resume_block(hook, model.cfg.n_layers) if resume else None
-        self.buckets = [_Bucket(rows, tokens[rows, : int(final_positions[rows].max()) + 1],
-                                final_positions[rows].long()) for rows in length_buckets(final_positions)]
-        vocab_logits = {}
+        self.start_block = PrefixReplay.start_for(model, hook) if resume else None
+        self.buckets = [Bucket(rows, tokens[rows, : int(final_positions[rows].max()) + 1],
+                               final_positions[rows].long()) for rows in length_buckets(final_positions)]
+        logits: dict[str, list] = {"clean": [], "counterfactual": []}
         for bucket in tqdm(self.buckets, desc="clean/counterfactual runs", disable=not progress):
-            bucket.clean, logits, bucket.block_inputs = self._full_run(bucket, bucket.tokens, capture=True)
-            vocab_logits.setdefault("clean", []).append((bucket.rows, logits))
+            bucket.clean, clean_logits, bucket.replay = self._full_run(bucket, bucket.tokens, capture=True)
+            logits["clean"].append((bucket.rows, clean_logits))
             if counterfactual_tokens is not None:
                 cf_tokens = counterfactual_tokens[bucket.rows, : bucket.tokens.shape[1]]
-                bucket.counterfactual, logits, _ = self._full_run(bucket, cf_tokens, capture=False)
-                vocab_logits.setdefault("counterfactual", []).append((bucket.rows, logits))
-        self.clean_logits = self._gather(vocab_logits["clean"])  # [n, vocab] at final positions
-        self.counterfactual_logits = (self._gather(vocab_logits["counterfactual"])
-                                      if counterfactual_tokens is not None else None)
-        self.mode = "resume" if self.start_block is not None and self._resume_reproduces() else "hooks"
-
-    # -- full forwards
+                bucket.counterfactual, cf_logits, _ = self._full_run(bucket, cf_tokens, capture=False)
+                logits["counterfactual"].append((bucket.rows, cf_logits))
+        self.clean_logits = self._gather(logits["clean"])  # [n, vocab] at final positions
+        self.counterfactual_logits = self._gather(logits["counterfactual"]) if counterfactual_tokens is not None else None
+        self.mode = "resume" if self.start_block is not None and self._replay_reproduces() else "hooks"
 
     @torch.no_grad()
-    def _full_run(self, bucket: _Bucket, tokens: torch.Tensor, capture: bool):
-        """(activation at hook [m, len, d], final logits [m, vocab], inputs of later blocks or None)."""
+    def _full_run(self, bucket: Bucket, tokens: torch.Tensor, capture: bool):
+        """(activation at hook [m, len, d], final logits [m, vocab], the replay or None)."""
         store: dict = {}
-        handles = []
-        if capture and self.start_block is not None:
-            store["blocks"] = [None] * (self.model.cfg.n_layers - self.start_block)
-            for offset, block in enumerate(self.model.blocks[self.start_block:]):
-                handles.append(block.register_forward_pre_hook(_recorder(store["blocks"], offset), with_kwargs=True))
 
         def keep(activation, hook=None):
             store["activation"] = activation.detach().clone()
 
-        try:
+        if capture and self.start_block is not None:
+            with PrefixReplay.recording(self.model, self.start_block) as recording:
+                logits = self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=[(self.hook, keep)])
+            replay = recording.finish(tokens.shape[0])
+        else:
             logits = self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=[(self.hook, keep)])
-        finally:
-            for handle in handles:
-                handle.remove()
-        return store["activation"], _final(logits, bucket.final), store.get("blocks")
+            replay = None
+        return store["activation"], final_logits(logits, bucket.final), replay
 
     @staticmethod
     def _gather(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -187,107 +122,25 @@ class CachedRun:
             out[rows] = values.cpu()
         return out
 
-    # -- running patched activations
-
-    def run(self, bucket: _Bucket, activations: torch.Tensor) -> torch.Tensor:
+    def run(self, bucket: Bucket, activations: torch.Tensor) -> torch.Tensor:
         """Final-position logits [k * m, vocab] for activations [k * m, len, d] at the hook (k copies of the bucket)."""
         copies = activations.shape[0] // bucket.rows.numel()
         final = bucket.final.repeat(copies)
         if self.mode == "resume":
-            return self._resume(bucket, activations, copies, final)
+            return bucket.replay.logits_at(activations.to(self.device), final)
         tokens = bucket.tokens.repeat(copies, 1).to(self.device)
 
         def replace(activation, hook=None):
             return activations.to(activation.dtype)
 
-        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, replace)])
-        return _final(logits, final)
+        return final_logits(self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, replace)]), final)
 
-    def _resume(self, bucket: _Bucket, hidden: torch.Tensor, copies: int, final: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to(self.device)
-        for block, (args, kwargs) in zip(self.model.blocks[self.start_block:], bucket.block_inputs):
-            args, kwargs = _tile((args, kwargs), copies, bucket.rows.numel())
-            if args:
-                args = (hidden,) + tuple(args[1:])
-            else:
-                kwargs = {**kwargs, "hidden_states": hidden}
-            output = block(*args, **kwargs)
-            hidden = output[0] if isinstance(output, tuple) else output
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, final.to(hidden.device)][:, None]  # [k*m, 1, d]
-        return self.model.unembed(self.model.ln_final(last))[:, 0]
-
-    @torch.no_grad()
-    def _resume_reproduces(self) -> bool:
+    def _replay_reproduces(self) -> bool:
         bucket = self.buckets[0]
         keep = min(2, bucket.rows.numel())
-        part = _Bucket(bucket.rows[:keep], bucket.tokens[:keep], bucket.final[:keep],
-                       block_inputs=[_take_rows(inputs, keep, bucket.rows.numel()) for inputs in bucket.block_inputs])
-        try:
-            resumed = self._resume(part, bucket.clean[:keep], 1, part.final).cpu()
-        except Exception as error:  # an architecture whose blocks cannot be replayed: fall back to hooks
-            warnings.warn(f"running from {self.hook} onward failed ({type(error).__name__}: {error}); "
-                          "using full forwards with hooks instead", stacklevel=3)
-            return False
-        expected = self.clean_logits[bucket.rows[:keep]]
-        tolerance = _RESUME_TOLERANCE.get(expected.dtype, 1e-2) * max(1.0, expected.abs().max().item())
-        difference = (resumed.to(expected.dtype) - expected).abs().max().item()
-        if difference > tolerance:
-            warnings.warn(f"running from {self.hook} onward differs from the full forward by {difference:.2e}; "
-                          "using full forwards with hooks instead", stacklevel=3)
-            return False
-        return True
-
-
-def _final(logits: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, final.to(logits.device)]
-
-
-def _is_cache(key: str, value) -> bool:
-    """A key/value cache passed to a block: replayed blocks must not read or grow it."""
-    return key in _CACHE_KWARGS or type(value).__name__.endswith("Cache")
-
-
-def _recorder(store: list, offset: int):
-    def record(module, args, kwargs):
-        args = tuple(None if _is_cache("", value) else value for value in args)
-        kwargs = {key: (None if _is_cache(key, value) else value) for key, value in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        store[offset] = (args, kwargs)
-
-    return record
-
-
-def _map_tensors(value, fn):
-    """Apply `fn` to every tensor inside nested tuples, lists and dicts (other values pass through)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(_map_tensors(item, fn) for item in value)
-    if isinstance(value, list):
-        return [_map_tensors(item, fn) for item in value]
-    if isinstance(value, dict):
-        return {key: _map_tensors(item, fn) for key, item in value.items()}
-    return value
-
-
-def _tile(value, copies: int, m: int):
-    """Repeat every tensor whose first dimension is the bucket's row count `copies` times (set-major)."""
-    if copies == 1:
-        return value
-    return _map_tensors(value, lambda t: t.repeat(copies, *([1] * (t.ndim - 1)))
-                        if t.ndim >= 2 and t.shape[0] == m else t)
-
-
-def _take_rows(value, keep: int, m: int):
-    """The first `keep` rows of every tensor whose first dimension is the bucket's row count."""
-    return _map_tensors(value, lambda t: t[:keep] if t.ndim >= 2 and t.shape[0] == m and m > 1 else t)
-
-
-# ---------------------------------------------------------------------------------------------
-# editing features
+        replay = bucket.replay.first_rows(keep)
+        return replay.reproduces(bucket.clean[:keep], bucket.final[:keep], self.clean_logits[bucket.rows[:keep]],
+                                 self.hook)
 
 
 @dataclass
@@ -297,15 +150,6 @@ class SetEvaluation:
     values: dict[str, torch.Tensor]  # name -> [k] mean over prompts
     per_prompt: dict[str, torch.Tensor]  # name -> [k, n]
     edit_norm: torch.Tensor  # [k]
-
-
-@dataclass
-class Attribution:
-    """Estimated effect on a metric (mean over prompts) of editing each feature alone."""
-
-    features: torch.Tensor  # [n_features], or [n_prompts, n_features] per prompt
-    error: float  # the same estimate for editing the error term
-    metric_value: float  # the metric's mean on the unedited run
 
 
 class FeaturePatcher:
@@ -318,54 +162,53 @@ class FeaturePatcher:
         self.run, self.dictionary = run, dictionary
         self.directions = dictionary.feature_directions.detach().to(sample.device, sample.dtype)  # [F, d]
         self.n_features = self.directions.shape[0]
-        self._codes = [self._encode(bucket.clean) for bucket in run.buckets]
-        self._counterfactual = ([self._encode(bucket.counterfactual) for bucket in run.buckets]
-                                if run.counterfactual_logits is not None else None)
-        self._masks = [self._position_mask(bucket, positions) for bucket in run.buckets]
+        self.codes = [self._encode(bucket.clean, bucket) for bucket in run.buckets]
+        self.counterfactual_codes = ([self._encode(bucket.counterfactual, bucket) for bucket in run.buckets]
+                                     if run.counterfactual_logits is not None else None)
+        self.masks = [self._position_mask(bucket, positions) for bucket in run.buckets]
         self.mean_codes = mean_codes if mean_codes is not None else self._mean_codes()
 
     @torch.no_grad()
-    def _encode(self, activations: torch.Tensor) -> torch.Tensor:
-        """[m, len, d] -> codes [m, len, F]; BOS codes are zero (that position is never edited)."""
-        dtype = next(self.dictionary.parameters()).dtype
-        codes = self.dictionary.encode(activations.to(dtype)).to(activations.dtype)
-        codes[:, 0] = 0
-        return codes
+    def _encode(self, activations: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+        """[m, len, d] -> codes [m, len, F], zero at the passed-through positions (never edited)."""
+        passthrough = passthrough_positions(activations, lengths=bucket.final + 1)
+        return encode_codes(self.dictionary, activations, passthrough).to(activations.dtype)
 
-    def _position_mask(self, bucket: _Bucket, positions: torch.Tensor | None) -> torch.Tensor:
-        """[m, len] bool: the edited positions (by default all but BOS, up to each row's final one)."""
+    def _position_mask(self, bucket: Bucket, positions: torch.Tensor | None) -> torch.Tensor:
+        """[m, len] bool: the edited positions (by default all but the passed-through ones, up to each
+        row's final position)."""
         length = bucket.tokens.shape[1]
         index = torch.arange(length)
-        real = index[None, :] <= bucket.final[:, None]
+        passthrough = passthrough_positions(bucket.clean, lengths=bucket.final + 1).cpu()
+        allowed = (index[None, :] <= bucket.final[:, None]) & ~passthrough
         if positions is None:
-            return real & (index[None, :] > 0)
+            return allowed
         positions = torch.as_tensor(positions)
+        mask = torch.zeros(bucket.rows.numel(), length, dtype=torch.bool)
         if positions.dtype == torch.bool:
             if positions.ndim != 2 or positions.shape[0] != self.run.n_prompts:
                 raise ValueError(f"a position mask must be [n_prompts={self.run.n_prompts}, pos], got "
                                  f"{tuple(positions.shape)}")
-            mask = torch.zeros(bucket.rows.numel(), length, dtype=torch.bool)
             width = min(length, positions.shape[1])
             mask[:, :width] = positions[bucket.rows, :width]
         else:
-            mask = torch.zeros(bucket.rows.numel(), length, dtype=torch.bool)
             mask[:, positions[(positions >= 0) & (positions < length)]] = True
-        return mask & real & (index[None, :] > 0)
+        return mask & allowed
 
     def _mean_codes(self) -> torch.Tensor:
-        total = sum((codes * mask[..., None]).sum((0, 1)) for codes, mask in zip(self._codes, self._masks))
-        count = sum(int(mask.sum()) for mask in self._masks)
+        total = sum((codes * mask[..., None]).sum((0, 1)) for codes, mask in zip(self.codes, self.masks))
+        count = sum(int(mask.sum()) for mask in self.masks)
         return total / max(count, 1)
 
     # -- deltas
 
-    def _delta(self, index: int, mode: str, value) -> torch.Tensor:
-        """Masked code change [m, len, F] of one bucket for a mode (before choosing features)."""
-        codes = self._codes[index]
+    def code_delta(self, index: int, mode: str = "patch", value=None) -> torch.Tensor:
+        """Masked code change [m, len, F] of bucket `index` for a mode (before choosing features)."""
+        codes = self.codes[index]
         if mode == "patch":
-            if self._counterfactual is None:
+            if self.counterfactual_codes is None:
                 raise ValueError("mode 'patch' needs counterfactual prompts in the CachedRun")
-            target = self._counterfactual[index]
+            target = self.counterfactual_codes[index]
         elif mode == "zero":
             target = torch.zeros_like(codes)
         elif mode == "mean":
@@ -378,19 +221,26 @@ class FeaturePatcher:
             target = torch.as_tensor(value, dtype=codes.dtype).expand_as(codes)
         else:
             raise ValueError(f"unknown patching mode '{mode}'; choose one of {MODES}")
-        return (target - codes) * self._masks[index][..., None]
+        return (target - codes) * self.masks[index][..., None]
 
-    def _error_delta(self, index: int) -> torch.Tensor:
-        """Counterfactual minus clean error term [m, len, d], masked."""
+    def error_delta(self, index: int) -> torch.Tensor:
+        """Counterfactual minus clean error term [m, len, d], masked: the error node's patch."""
         bucket = self.run.buckets[index]
-        clean = bucket.clean - self._reconstruct(self._codes[index])
-        other = bucket.counterfactual - self._reconstruct(self._counterfactual[index])
-        return (other - clean) * self._masks[index][..., None]
+        clean = bucket.clean - self._reconstruct(self.codes[index])
+        other = bucket.counterfactual - self._reconstruct(self.counterfactual_codes[index])
+        return (other - clean) * self.masks[index][..., None]
 
     def _reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
         dtype = next(self.dictionary.parameters()).dtype
         with torch.no_grad():
             return self.dictionary.decode(codes.to(dtype)).to(codes.dtype)
+
+    def candidates(self, per_prompt: bool = False) -> torch.Tensor:
+        """Features whose code differs between the runs at a patched position: [F] bool, or [n_prompts, F]."""
+        active = torch.zeros(self.run.n_prompts, self.n_features, dtype=torch.bool)
+        for index, bucket in enumerate(self.run.buckets):
+            active[bucket.rows] = (self.code_delta(index) != 0).any(1).cpu()
+        return active if per_prompt else active.any(0)
 
     def _feature_index(self, features) -> torch.Tensor:
         """1-D: one set for every prompt; 2-D [n_prompts, k]: a set per prompt (-1 pads shorter ones)."""
@@ -409,7 +259,7 @@ class FeaturePatcher:
     def edit(self, index: int, features, mode: str = "patch", value=None, include_error: bool = False,
              delta: torch.Tensor | None = None) -> torch.Tensor:
         """The activation change [m, len, d] in bucket `index` from editing `features` (None: all)."""
-        delta = self._delta(index, mode, value) if delta is None else delta
+        delta = self.code_delta(index, mode, value) if delta is None else delta
         chosen = self._feature_index(features)
         if chosen.ndim == 1:
             change = delta[..., chosen] @ self.directions[chosen]
@@ -419,7 +269,7 @@ class FeaturePatcher:
             picked = picked * (rows >= 0)[:, None, :].to(picked.dtype)  # [m, len, k]
             change = torch.einsum("mlk,mkd->mld", picked, self.directions[rows.clamp(min=0)])
         if include_error:
-            change = change + self._error_delta(index)
+            change = change + self.error_delta(index)
         return change
 
     # -- exact evaluation
@@ -437,7 +287,7 @@ class FeaturePatcher:
         for index, start in tqdm(steps, desc="patching", disable=not progress or len(steps) < 2):
             bucket = self.run.buckets[index]
             chunk = feature_sets[start : start + self._sets_per_batch(bucket, max_batch_tokens)]
-            delta = self._delta(index, mode, value)
+            delta = self.code_delta(index, mode, value)
             edits = torch.stack([self.edit(index, features, mode, value, include_error, delta) for features in chunk])
             squared[start : start + len(chunk), bucket.rows] = edits.pow(2).sum((-1, -2)).float().cpu()
             patched = (bucket.clean[None] + edits).reshape(-1, *bucket.clean.shape[1:])
@@ -447,7 +297,7 @@ class FeaturePatcher:
         return SetEvaluation({name: values.mean(1) for name, values in per_prompt.items()}, per_prompt,
                              squared.sqrt().mean(1))
 
-    def _sets_per_batch(self, bucket: _Bucket, max_batch_tokens: int) -> int:
+    def _sets_per_batch(self, bucket: Bucket, max_batch_tokens: int) -> int:
         return max(1, max_batch_tokens // bucket.tokens.numel())
 
     def baseline(self, metrics: dict[str, Metric]) -> dict[str, float]:
@@ -469,51 +319,47 @@ class FeaturePatcher:
                     points: Sequence[float] = (0.0,), per_prompt: bool = False) -> dict[str, Attribution]:
         """(c' - c) . d metric / d c for every feature, and the same for the error term, for each metric.
 
-        The gradient is taken on the clean run (points=(0,)), or averaged over runs with every feature
-        already moved a fraction `point` of the way (integrated gradients: points=(0.25, 0.75), ...), which
-        estimates each feature's share of the whole edit rather than its effect alone. `per_prompt` keeps
-        one row per prompt ([n_prompts, n_features], each row's share of the mean over prompts).
+        The gradient is taken on the clean run (points=(0,)), or at several points with every feature
+        already moved a fraction `point` of the way (integrated gradients: points=(0.25, 0.75), ...).
+        `per_prompt` keeps one row per prompt ([n_prompts, n_features], each row's share of the mean).
         """
         n = self.run.n_prompts
         shape = (n, self.n_features) if per_prompt else (self.n_features,)
         totals = {name: torch.zeros(shape, dtype=torch.float64) for name in metrics}
-        error_totals = {name: 0.0 for name in metrics}
+        errors = {name: 0.0 for name in metrics}
         values = {name: 0.0 for name in metrics}
-        for index in range(len(self.run.buckets)):
-            delta = self._delta(index, mode, value)
-            error_delta = self._error_delta(index) if self._counterfactual is not None and mode == "patch" else None
+        for index, bucket in enumerate(self.run.buckets):
+            delta = self.code_delta(index, mode, value)
+            error_delta = self.error_delta(index) if self.counterfactual_codes is not None and mode == "patch" else None
+            grads: dict[str, list[torch.Tensor]] = {name: [] for name in metrics}
             for point in points:
-                grads, outputs = self._gradients(index, metrics, delta, float(point))
-                for name, (grad_codes, grad_error) in grads.items():
-                    effect = (delta * grad_codes).sum(1).double().cpu() / len(points)  # [m, F]
-                    if per_prompt:
-                        totals[name][self.run.buckets[index].rows] += effect
-                    else:
-                        totals[name] += effect.sum(0)
-                    if error_delta is not None:
-                        error_totals[name] += (error_delta * grad_error).sum().item() / len(points)
-                    values[name] += outputs[name] / len(points)
-        return {name: Attribution(totals[name].float(), error_totals[name], values[name]) for name in metrics}
+                for name, (grad, output) in self._gradients(index, metrics, delta, float(point)).items():
+                    grads[name].append(grad)
+                    values[name] += output / len(points)
+            for name in metrics:
+                scores = attribution_scores(grads[name], delta, self.directions, error_delta, per_row=per_prompt)
+                if per_prompt:
+                    totals[name][bucket.rows] += scores.features
+                else:
+                    totals[name] += scores.features
+                errors[name] += scores.error
+        return {name: Attribution(totals[name].float(), errors[name], values[name]) for name in metrics}
 
     def _gradients(self, index: int, metrics: dict[str, Metric], delta: torch.Tensor, point: float):
-        """{metric: (d metric / d codes, d metric / d error)} in bucket `index`, codes moved `point` of delta."""
+        """{metric: (d metric / d activation [m, len, d], metric value)} in bucket `index`, with the
+        codes moved `point` of the way along delta."""
         bucket, n = self.run.buckets[index], self.run.n_prompts
-        dtype = next(self.dictionary.parameters()).dtype
-        with torch.no_grad():
-            error = bucket.clean - self._reconstruct(self._codes[index])
-        codes = (self._codes[index] + point * delta).to(dtype).requires_grad_(True)
-        error = error.clone().requires_grad_(True)
+        activation = bucket.clean + point * (delta @ self.directions) if point else bucket.clean
+        leaf = activation.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            activations = self.dictionary.decode(codes).to(error.dtype) + error
-            logits = self.run.run(bucket, activations)
+            logits = self.run.run(bucket, leaf)
             outputs = {name: metric(logits, bucket.rows).sum() / n for name, metric in metrics.items()}
-            grads = {}
+            result = {}
             names = list(metrics)
             for position, name in enumerate(names):
-                grad_codes, grad_error = torch.autograd.grad(outputs[name], [codes, error],
-                                                             retain_graph=position < len(names) - 1)
-                grads[name] = (grad_codes.to(delta.dtype), grad_error)
-        return grads, {name: output.item() for name, output in outputs.items()}
+                (grad,) = torch.autograd.grad(outputs[name], [leaf], retain_graph=position < len(names) - 1)
+                result[name] = (grad, outputs[name].item())
+        return result
 
 
 def check_attribution(patcher: FeaturePatcher, metrics: dict[str, Metric], attributions: dict[str, Attribution],
@@ -528,15 +374,3 @@ def check_attribution(patcher: FeaturePatcher, metrics: dict[str, Metric], attri
             "predicted": {name: values.tolist() for name, values in predicted.items()},
             "exact": {name: values.tolist() for name, values in exact.items()},
             "spearman": {name: spearman(predicted[name], exact[name]) for name in metrics}}
-
-
-def spearman(predicted: torch.Tensor, measured: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (nan when either is constant)."""
-    from scipy.stats import spearmanr
-
-    if predicted.numel() < 2:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = spearmanr(predicted.double().numpy(), measured.double().numpy())
-    return float(result.statistic if hasattr(result, "statistic") else result.correlation)

@@ -7,9 +7,9 @@ At a spliced hook point the activation x is replaced by
     error = x - decode(codes)             (what the dictionary misses)
     out   = decode(codes') + error        (codes' = the codes after any hook edited them)
 
-Massive activations are the positions whose norm exceeds 10x the median of their context
-(sae.metrics.outlier_positions): attention sinks that, like BOS, training leaves out (sae/training.py).
-Their codes are zero, so the error term carries them unchanged and no feature edit touches them.
+BOS and the massive activations are the engine's passed-through positions (circuits.engine.positions,
+the one rule every experiment uses): their codes are zero, so the error term carries them unchanged
+and no feature edit touches them.
 
 So with nothing edited `out == x` (bit for bit: the unedited path returns x itself), and editing
 feature i by delta changes the activation by exactly delta * feature_directions[i]. Each spliced
@@ -40,23 +40,14 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from circuits.engine.positions import encode_codes, passthrough_positions
+from circuits.hooks import hook_width, validate_hooks
 from sae.dictionary import Dictionary
-from sae.metrics import outlier_positions
 
 SPLICE_HOOKS = ("hook_sae_input", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error", "hook_sae_output")
 
-_RESIDUAL_SIZED = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-
-
-def hook_width(model, hook: str) -> int | None:
-    """The activation width at a residual-stream-sized hook (d_model); None when not known without running."""
-    return model.cfg.d_model if hook.endswith(_RESIDUAL_SIZED) else None
-
-
 def check_dictionary_fits(model, hook: str, dictionary: Dictionary) -> None:
     """Fail before any compute when `hook` is not a hook point of `model` or the widths differ."""
-    from sae.activation_store import validate_hooks
-
     validate_hooks(model, [hook])
     width = hook_width(model, hook)
     if width is not None:
@@ -87,14 +78,11 @@ class SplicedDictionary(nn.Module):
     def codes_of(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, pos, d_in] -> [batch, pos, n_features], zero at BOS when exclude_bos and at massive
         activations when exclude_outliers."""
-        self.dictionary.check_input_width(x.shape[-1], self.hook_name)
-        dtype = next(self.dictionary.parameters()).dtype
-        codes = self.dictionary.encode(x.to(dtype))
-        if self.exclude_bos and codes.ndim >= 3:
-            codes = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, 1:]], dim=1)
-        if self.exclude_outliers and codes.ndim == 3:
-            codes = codes.masked_fill(outlier_positions(x)[..., None], 0.0)
-        return codes
+        if x.ndim != 3:
+            self.dictionary.check_input_width(x.shape[-1], self.hook_name)
+            return self.dictionary.encode(x.to(next(self.dictionary.parameters()).dtype))
+        passthrough = passthrough_positions(x, exclude_bos=self.exclude_bos, pass_massive=self.exclude_outliers)
+        return encode_codes(self.dictionary, x, passthrough)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.hook_sae_input(x)

@@ -1,0 +1,64 @@
+"""One forward with edits, recordings, gradient leaves and detached hooks: the engine's run.
+
+    run = run_with_edits(model, tokens, edits={hook: HookEdit}, record=[hooks], leaves=[hooks],
+                         detach=[hooks], stop_at_layer=None)
+
+At each hook, in this order: the edit (if any) replaces the activation; a zero leaf that requires
+grad is added (if the hook is in `leaves`), so d metric / d leaf is the gradient at that hook; the
+value is recorded (if in `record`: the value the model continues with, in the autograd graph when
+gradients are on). Hooks in `detach` continue with a detached value (direct effects: attention
+patterns and norm scales). A batch with a single shared prefix is expanded by the first edit that
+makes several rows, so the blocks before it run once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+
+from circuits.engine.edits import HookEdit
+
+
+class EngineRun(NamedTuple):
+    output: torch.Tensor  # logits [rows, pos, vocab], or the residual when stopped early
+    recorded: dict[str, torch.Tensor]  # hook -> the activation the model continued with
+    leaves: dict[str, torch.Tensor]  # hook -> the zero leaf added there (its .grad / autograd.grad target)
+
+
+def _hook_function(name: str, edit: HookEdit | None, leaf: bool, keep: bool, recorded: dict, leaves: dict):
+    def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        if edit is not None:
+            activation = edit(activation)
+        if leaf:
+            leaves[name] = torch.zeros_like(activation, requires_grad=True)
+            activation = activation + leaves[name]
+        if keep:
+            recorded[name] = activation
+        return activation
+
+    return hook
+
+
+def _detach(activation: torch.Tensor, hook=None) -> torch.Tensor:
+    return activation.detach()
+
+
+def run_with_edits(model, tokens: torch.Tensor, edits: Mapping[str, HookEdit] | None = None,
+                   record: Iterable[str] = (), leaves: Iterable[str] = (), detach: Iterable[str] = (),
+                   stop_at_layer: int | None = None) -> EngineRun:
+    """Run `tokens` [rows, pos] through `model` with `edits` applied (see the module docstring)."""
+    edits = dict(edits or {})
+    record, leaves, detach = list(record), list(leaves), list(detach)
+    recorded: dict[str, torch.Tensor] = {}
+    leaf_tensors: dict[str, torch.Tensor] = {}
+    names = list(dict.fromkeys(list(edits) + leaves + record))
+    fwd_hooks = [(name, _hook_function(name, edits.get(name), name in leaves, name in record, recorded,
+                                       leaf_tensors)) for name in names]
+    fwd_hooks += [(name, _detach) for name in detach]
+    device = next(model.parameters()).device
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*hook_scale.*")  # the bridge notes edited norm hooks
+        output = model.run_with_hooks(tokens.to(device), fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
+    return EngineRun(output, recorded, leaf_tensors)

@@ -1,0 +1,49 @@
+"""Harvesting activations at several hook points in one pass, into an activation store (sae).
+
+One forward pass per batch of contexts collects every requested hook point and stops after the
+deepest one (`stop_at_layer`), so harvesting layer L of N costs about (L+1)/N of a full forward.
+Shards are written through `sae.activation_store.StoreWriter`: a kill or a full disk leaves the store
+at its last complete shard, and harvesting again with the same settings resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from circuits.hooks import stop_layer, validate_hooks
+from sae.activation_store import DTYPES, ActivationStore, StoreWriter, store_settings
+
+
+def collect_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """{hook: [batch, pos, d]} for one batch of token ids, stopping after the deepest hook."""
+    _, cache = model.run_with_cache(tokens, names_filter=list(hooks), stop_at_layer=stop_layer(hooks, model.cfg.n_layers))
+    return {hook: cache[hook] for hook in hooks}
+
+
+def harvest_activations(model, contexts: torch.Tensor, hooks: list[str], out_dir: str | Path, dtype: str = "float16",
+                        *, batch_size: int = 16, exclude_bos: bool = True, contexts_per_shard: int = 256,
+                        model_name: str = "", metadata: dict | None = None, progress: bool = True) -> ActivationStore:
+    """Run `model` over `contexts` [n, ctx] and store activations at `hooks` (resumes a partial store)."""
+    settings = store_settings(model_name, hooks, dtype, contexts.shape[1], exclude_bos)
+    validate_hooks(model, hooks)
+    writer = StoreWriter(out_dir, settings, contexts.shape[0], metadata)
+    if writer.complete_superset():
+        return ActivationStore(out_dir)
+    done, total = writer.start(), contexts.shape[0]
+    device = next(model.parameters()).device
+    with tqdm(total=total, initial=done, desc="harvest", unit="ctx", disable=not progress) as bar, torch.inference_mode():
+        while done < total:
+            block = contexts[done : done + contexts_per_shard]
+            pieces: dict[str, list[torch.Tensor]] = {hook: [] for hook in hooks}
+            for start in range(0, block.shape[0], batch_size):
+                batch = block[start : start + batch_size].to(device)
+                for hook, value in collect_activations(model, batch, hooks).items():
+                    value = value[:, 1:] if exclude_bos else value
+                    pieces[hook].append(value.reshape(-1, value.shape[-1]).to("cpu", DTYPES[dtype]))
+                bar.update(batch.shape[0])
+            writer.write({hook: torch.cat(parts).contiguous() for hook, parts in pieces.items()}, done, block.shape[0])
+            done += block.shape[0]
+    return writer.finish()
