@@ -1,0 +1,89 @@
+"""The diagram as SVG from the built-in layout (no Graphviz needed); the HTML page embeds it."""
+
+from __future__ import annotations
+
+import html
+
+import networkx as nx
+
+from circuits.export.layout import (FONT_FAMILY, FONT_SIZE, LINE_HEIGHT, MARGIN, PAD_Y, Box, edge_segments,
+                                    edges_weakest_first, layered_layout)
+from circuits.export.style import (NEGATIVE_COLOUR, NODE_COLOURS, POSITIVE_COLOUR, TARGET_BORDER, diagram_title,
+                                   edge_colour, edge_scale, edge_tooltip, node_tooltip)
+from circuits.graph import sorted_nodes, validate_graph
+
+
+def layered_svg(graph: nx.DiGraph) -> str:
+    """The diagram as an <svg> element from the built-in layout (no Graphviz needed).
+
+    Node groups carry `data-index` (the node's place in `sorted_nodes`), edges `data-source` and
+    `data-target`, so a page can make them interactive.
+    """
+    validate_graph(graph)
+    layout = layered_layout(graph)
+    index = {node: number for number, node in enumerate(sorted_nodes(graph))}
+    width, height = f"{layout.width:.0f}", f"{layout.height:.0f}"
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="circuit" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="{FONT_FAMILY}" font-size="{FONT_SIZE:g}">',
+             "<defs>" + _svg_marker("arrow-positive", POSITIVE_COLOUR) + _svg_marker("arrow-negative", NEGATIVE_COLOUR)
+             + "</defs>",
+             f'<rect class="background" x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>']
+    parts += _svg_header(graph)
+    parts += [f'<text class="row-label" x="{MARGIN:g}" y="{y + 4:.1f}" fill="#777777">{html.escape(label)}</text>'
+              for label, y in layout.row_labels]
+    scale = edge_scale(graph)
+    segments = edge_segments(layout)
+    for source, target in edges_weakest_first(graph):
+        effect = graph.edges[source, target]["effect"]
+        marker = "arrow-negative" if effect < 0 else "arrow-positive"
+        parts.append(f'<path class="edge" data-source="{index[source]}" data-target="{index[target]}" '
+                     f'd="{_svg_path_data(*segments[source, target])}" fill="none" '
+                     f'stroke="{edge_colour(effect)}" stroke-width="{0.8 + 4.2 * scale(effect):.2f}" '
+                     f'stroke-opacity="0.75" marker-end="url(#{marker})">'
+                     f"<title>{html.escape(edge_tooltip(graph, source, target))}</title></path>")
+    parts += [_svg_node(graph, node, index[node], layout.boxes[node]) for node in sorted_nodes(graph)]
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _svg_path_data(start: tuple[float, float], pieces: list[tuple]) -> str:
+    commands = [f"M{start[0]:.1f},{start[1]:.1f}"]
+    for kind, *points in pieces:
+        commands.append(kind + " ".join(f"{x:.1f},{y:.1f}" for x, y in points))
+    return " ".join(commands)
+
+
+def _svg_marker(name: str, colour: str) -> str:
+    return (f'<marker id="{name}" viewBox="0 0 10 10" refX="9" refY="5" markerUnits="userSpaceOnUse" '
+            f'markerWidth="9" markerHeight="9" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="{colour}"/></marker>')
+
+
+def _svg_header(graph: nx.DiGraph) -> list[str]:
+    legend_y = 38.0
+    return [f'<text class="title" x="{MARGIN:g}" y="20" font-size="13" font-weight="bold" fill="#222222">'
+            f"{html.escape(diagram_title(graph))}</text>",
+            f'<line x1="{MARGIN:g}" y1="{legend_y - 4:g}" x2="{MARGIN + 24:g}" y2="{legend_y - 4:g}" '
+            f'stroke="{POSITIVE_COLOUR}" stroke-width="3"/>',
+            f'<text x="{MARGIN + 30:g}" y="{legend_y:g}" fill="#444444">positive effect</text>',
+            f'<line x1="{MARGIN + 160:g}" y1="{legend_y - 4:g}" x2="{MARGIN + 184:g}" y2="{legend_y - 4:g}" '
+            f'stroke="{NEGATIVE_COLOUR}" stroke-width="3"/>',
+            f'<text x="{MARGIN + 190:g}" y="{legend_y:g}" fill="#444444">negative effect</text>']
+
+
+def _svg_node(graph: nx.DiGraph, node: str, number: int, box: Box) -> str:
+    data = graph.nodes[node]
+    fill, border = NODE_COLOURS[data["kind"]]
+    is_target = data.get("is_target") or node == graph.graph.get("target")
+    stroke_width = "2.5" if is_target else "1.2"
+    dash = ' stroke-dasharray="4 2"' if data["kind"] == "error" else ""
+    corner = "0" if data["kind"] == "error" else "6"
+    centre = box.x + box.width / 2
+    bold = ' font-weight="bold"'
+    texts = [f'<text x="{centre:.1f}" y="{box.y + PAD_Y + LINE_HEIGHT * (line + 1) - 3:.1f}" text-anchor="middle" '
+             f'fill="#1a1a1a"{bold if line == 0 else ""}>{html.escape(text)}</text>'
+             for line, text in enumerate(box.lines)]
+    return (f'<g class="node kind-{data["kind"]}" data-index="{number}" tabindex="0">'
+            f"<title>{html.escape(node_tooltip(graph, node))}</title>"
+            f'<rect x="{box.x:.1f}" y="{box.y:.1f}" width="{box.width:.1f}" height="{box.height:.1f}" rx="{corner}" '
+            f'fill="{fill}" stroke="{TARGET_BORDER if is_target else border}" stroke-width="{stroke_width}"{dash}/>'
+            + "".join(texts) + "</g>")
