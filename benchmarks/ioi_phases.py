@@ -78,10 +78,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from circuits.cli_ioi import cached_sae_folder, default_hook
     from circuits.models import load_model
     from sae.corpus import load_corpus
     from sae.io import load_dictionary
+    from sparse_circuits.pipelines.ioi import cached_sae_folder, default_hook
     from tasks.ioi_benchmark import (SearchSettings, activations_for_baselines, activations_from_store,
                                      build_baselines, run_ioi_benchmark)
 

@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*TransformerBridge.*")
-    from circuits.cli_trace import feature_request
+    from sparse_circuits.pipelines.trace import feature_request
     from circuits.features import choose_feature, scan_corpus
     from circuits.models import load_model, resolve_device
     from circuits.tracing import (FeatureTarget, find_target_contexts, method_agreement, pad_token_id,

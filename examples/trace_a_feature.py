@@ -13,12 +13,12 @@ from pathlib import Path
 
 import networkx as nx
 
-from circuits.cli_trace import trace_and_export
 from circuits.graph import load_graph_json
 from circuits.models import load_model
 from sae.assets import cache_dir
 from sae.corpus import load_corpus
 from sae.io import load_dictionaries
+from sparse_circuits.pipelines.trace import trace_and_export
 
 
 def main() -> None:

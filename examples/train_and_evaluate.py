@@ -10,10 +10,10 @@ FVU, and CE loss recovered on held-out text. About 5 minutes on a 2-core CPU.
 import argparse
 from pathlib import Path
 
-from circuits.cli import format_eval_table
 from circuits.models import load_model
-from circuits.workflows import TrainRequest, evaluate_folders, train_on_model
 from sae.corpus import load_corpus
+from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
+from sparse_circuits.pipelines.train import TrainRequest, train_on_model
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from circuits.cli import main
+from sparse_circuits.cli.main import main
 from tests.conftest import WORDS
 
 

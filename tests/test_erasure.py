@@ -245,7 +245,7 @@ def test_concept_files(tmp_path, tiny_llama):
 
 
 def _cli_args(*argv):
-    from circuits.cli_erase import add_parser
+    from sparse_circuits.cli.erase import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
@@ -253,7 +253,7 @@ def _cli_args(*argv):
 
 
 def test_cli_runs_on_saved_dictionaries(tiny_llama_folder, tmp_path):
-    from circuits.cli_erase import run
+    from sparse_circuits.cli.erase import run
 
     for layer in (1, 2):
         save_dictionary(tiny_sae(f"blocks.{layer}.hook_resid_post", seed=layer), tmp_path / "saes" / f"L{layer}")

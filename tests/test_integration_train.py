@@ -23,7 +23,8 @@ def test_real_model_default_assets(real_model):
 
 
 def test_small_sae_on_real_activations_beats_trivial_baselines(real_model, registry_corpus, tmp_path):
-    from circuits.workflows import TrainRequest, evaluate_folders, train_on_model
+    from sparse_circuits.pipelines.evaluate import evaluate_folders
+    from sparse_circuits.pipelines.train import TrainRequest, train_on_model
 
     hook = "blocks.6.hook_resid_post"
     request = TrainRequest(hooks=[hook], tokens=24_000, epochs=10, batch_size=1024, l1_coefficients=[1e-3],

@@ -400,12 +400,12 @@ def saved(tiny_llama, tmp_path_factory):
 
 
 def _cli(argv):
-    from circuits.cli_trace import _standalone_parser, run
+    from sparse_circuits.cli.main import build_parser, run_command
 
-    args = _standalone_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run(args)
+        run_command(args)
 
 
 def test_cli_trace_writes_a_graph_and_prints_paths(tiny_llama_folder, saved, tmp_path, capsys):
@@ -492,7 +492,7 @@ def test_protected_positions_are_left_alone(tiny_llama, setup):
     protected[:, 2] = True
     guarded = tracing.TraceContexts(contexts.tokens, contexts.lengths, contexts.measure, protected=protected)
     result = tracing.run_upstream_trace(tiny_llama, dictionaries, target, guarded, method="ablation", depth=1,
-                                        outlier_factor=None, progress=False)
+                                        progress=False)
     hook = UPSTREAM[1]
     _, cache = tiny_llama.run_with_cache(contexts.tokens, names_filter=[hook])
     codes = dictionaries[hook].encode(cache[hook])  # [n, pos, f]
@@ -541,7 +541,7 @@ def test_relative_graph_divides_by_the_receivers_activation(tiny_llama, setup):
 
 
 def test_trace_and_export_picks_a_feature_and_writes_the_files(tiny_llama, saved, tmp_path):
-    from circuits.cli_trace import trace_and_export
+    from sparse_circuits.pipelines.trace import trace_and_export
     from sae.corpus import load_corpus
     from sae.io import load_dictionaries
 

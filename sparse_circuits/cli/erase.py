@@ -10,46 +10,42 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from circuits.cli import positive_int
-from circuits.models import DEFAULT_MODEL
+from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
+from sparse_circuits.defaults import ERASE_KS, ERASE_METHODS
+
+DESCRIPTION = """Fit erasure methods on the train split of a binary concept (at the final prompt position, or at
+every position for the *_all_positions variants), apply each as an edit to every non-BOS position at a
+hook, and measure on the test split: removal of the concept-token logit difference (1 = gone), a fresh
+linear probe's accuracy, the edit's norm, and the damage on held-out text (KL to the clean model, CE
+change). Writes OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json and prints the table."""
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
     """Add the `erase` subcommand to the CLI's subparsers."""
-    from tasks.erasure import DEFAULT_KS, METHODS
-
-    parser = commands.add_parser(
-        "erase", help="erase a concept by removing SAE features; compare with LEACE and a mean projection",
-        description="Fit erasure methods on the train split of a binary concept (at the final prompt position, "
-                    "or at every position for the *_all_positions variants), apply each as an edit to every "
-                    "non-BOS position at a hook, and measure on the test split: "
-                    "removal of the concept-token logit difference (1 = gone), a fresh linear probe's accuracy, "
-                    "the edit's norm, and the damage on held-out text (KL to the clean model, CE change). "
-                    "Writes OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json and prints the table.")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"model: '{DEFAULT_MODEL}' (default), a local HF folder, or a hub name")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--corpus", default="registry", help="held-out text for the CE/KL damage (default: registry)")
+    parser = add_subcommand(
+        commands, "erase", help="erase a concept by removing SAE features; compare with LEACE and a mean projection",
+        description=DESCRIPTION)
+    add_model_arguments(parser, corpus_help="held-out text for the CE/KL damage: 'registry', a .txt/.jsonl file or "
+                                            "folder, or hf:NAME[:SPLIT[:FIELD]]")
     parser.add_argument("--sae", required=True, type=Path,
                         help="a dictionary folder, or a folder holding several (one per hook)")
     parser.add_argument("--concept", default="gender",
                         help="'gender' (built in) or a JSON file of prompts (see tasks.erasure.load_concept_splits)")
     parser.add_argument("--layers", type=int, nargs="+",
                         help="use the dictionaries at blocks.L.hook_resid_post for these L (default: every one found)")
-    parser.add_argument("--k", type=positive_int, nargs="+", default=list(DEFAULT_KS),
-                        help=f"numbers of features to remove (default {' '.join(map(str, DEFAULT_KS))})")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-                        help=f"methods to run, among {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--ce-tokens", type=positive_int, default=1024,
-                        help="held-out tokens for the KL / CE damage (default 1024)")
-    parser.add_argument("--context-size", type=positive_int, default=64, help="held-out context length (default 64)")
+    parser.add_argument("--k", type=positive_int, nargs="+", default=list(ERASE_KS),
+                        help="numbers of features to remove")
+    parser.add_argument("--methods", nargs="+", choices=ERASE_METHODS, default=list(ERASE_METHODS), metavar="METHOD",
+                        help=f"methods to run, among {', '.join(ERASE_METHODS)} (default: all)")
+    parser.add_argument("--ce-tokens", type=positive_int, default=1024, help="held-out tokens for the KL / CE damage")
+    parser.add_argument("--context-size", type=positive_int, default=64, help="held-out context length")
     parser.add_argument("--prompts-per-side", type=positive_int,
                         help="subsample the test and transfer splits to at most this many prompts per side "
                              "(default: all; the train split is always used whole)")
-    parser.add_argument("--shots", type=positive_int, default=2, help="gender: few-shot examples per side (default 2)")
+    parser.add_argument("--shots", type=positive_int, default=2, help="gender: few-shot examples per side")
     parser.add_argument("--no-transfer", action="store_true", help="skip the transfer split (pronouns for gender)")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed for splits, random controls and probes")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     return parser
 

@@ -1,22 +1,19 @@
-"""The end-to-end steps the CLI and the demo run: harvest + train, and evaluate, on a real model.
+"""Harvest activations at the requested hook points in one pass and train every requested SAE from it.
 
-Each step is an ordinary function taking a loaded model, so notebooks can call them too.
+`TrainRequest` is what `sparse-circuits train` asks for; `train_on_model` takes a loaded model, so
+notebooks and the demo call it too.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from circuits.evaluation import evaluate_dictionaries
+from circuits.harvest import harvest_activations
+from circuits.hooks import validate_hooks
 from circuits.models import model_name_of
-from circuits.splicing import hook_width
-from sae.activation_store import ActivationStore, harvest_activations, validate_hooks
-from sae.assets import atomic_write_text
+from sae.activation_store import ActivationStore
 from sae.config import DictionaryConfig
 from sae.corpus import Corpus, tokenize_contexts
 from sae.training import TrainingConfig, TrainResult, train_dictionaries
@@ -99,22 +96,3 @@ def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | 
                          f"{request.batch_size}; ask for more --tokens or a smaller --batch-size")
     configs = request.dictionary_configs(store.d_in, model_name_of(model))
     return train_dictionaries(store, configs, training, out_dir, progress=progress)
-
-
-def evaluate_folders(model, folders: list[Path], corpus: Corpus, tokens: int, context_size: int = 128,
-                     batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Evaluate saved dictionaries on held-out text; writes `eval.json` into each folder."""
-    from sae.io import load_dictionary, read_dictionary_config
-
-    dictionaries = []
-    for folder in folders:
-        dictionary = load_dictionary(folder, expected_d_in=hook_width(model, read_dictionary_config(folder).hook_name))
-        validate_hooks(model, [dictionary.cfg.hook_name])
-        dictionaries.append(dictionary)
-    contexts = tokenize_contexts(corpus, model.tokenizer, context_size,
-                                 contexts_for_tokens(tokens, context_size), split="eval", seed=seed)
-    results = evaluate_dictionaries(model, dictionaries, contexts, batch_size=batch_size, progress=progress)
-    for folder, result in zip(folders, results):
-        result["folder"] = str(folder)
-        atomic_write_text(Path(folder) / "eval.json", json.dumps(result, indent=2) + "\n")
-    return results

@@ -41,8 +41,9 @@ def _trained_folders(out: Path, hooks: list[str]) -> list[Path] | None:
 def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
     """Run every step, print where each result is, and return {result name: path}."""
     from circuits.models import fetch_default_model, load_model
-    from circuits.workflows import TrainRequest, evaluate_folders, train_on_model
     from sae.corpus import load_corpus
+    from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
+    from sparse_circuits.pipelines.train import TrainRequest, train_on_model
 
     started = time.time()
     out = Path(out) if out is not None else cache_dir() / "demo"
@@ -74,8 +75,6 @@ def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
         print("  reusing the evaluation of an earlier run")
     else:
         evaluations = evaluate_folders(model, folders, corpus, DEMO_EVAL_TOKENS)
-    from circuits.cli import format_eval_table
-
     print(format_eval_table(evaluations))
     evaluation_path = out / "evaluation.json"
     atomic_write_text(evaluation_path, json.dumps(evaluations, indent=2) + "\n")
@@ -112,7 +111,7 @@ def _ioi_step(model, sae, hook: str, corpus, out: Path) -> dict[str, str]:
 
 
 def _trace_step(model, dictionaries: dict, corpus, out: Path) -> dict[str, str]:
-    from circuits.cli_trace import trace_and_export
+    from sparse_circuits.pipelines.trace import trace_and_export
 
     _banner(5, 6, "tracing one feature's upstream circuit across the three layers and exporting its diagram")
     by_hook = {dictionary.cfg.hook_name: dictionary for dictionary in dictionaries.values()}

@@ -1,0 +1,56 @@
+"""`sparse-circuits export`: a saved circuit graph as a diagram or file, optionally pruned first."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sparse_circuits.cli.common import add_subcommand, positive_int
+
+DESCRIPTION = """Write a saved circuit graph as svg, png, dot, graphml, html or json (default: from the
+suffix of -o). SVG and PNG use Graphviz `dot` when installed, else a built-in layout. Optionally prune
+first: --threshold (min |effect|), --top-k-per-node, --influence (cumulative influence fraction)."""
+
+FORMATS = ["svg", "png", "dot", "graphml", "html", "json"]
+
+
+def influence_fraction(text: str) -> float:
+    """argparse type: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    parser = add_subcommand(commands, "export", help="export a circuit graph as a diagram or file",
+                            description=DESCRIPTION)
+    parser.add_argument("graph", type=Path, help="graph JSON written by `sparse-circuits trace`")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, help="output format (default: from the suffix of -o)")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="file to write")
+    parser.add_argument("--threshold", type=float, help="keep edges with |effect| at least this (default: all)")
+    parser.add_argument("--top-k-per-node", type=positive_int,
+                        help="keep each node's k strongest incoming edges (default: all)")
+    parser.add_argument("--influence", type=influence_fraction,
+                        help="keep the nodes covering this fraction of influence, in (0, 1] (default: all)")
+    parser.add_argument("--shares", action="store_true",
+                        help="show each edge as the share of the receiving node's activation its source supplies "
+                             "(comparable across the diagram) instead of the effect in the receiver's units")
+    return parser
+
+
+def run(args) -> None:
+    from sparse_circuits.pipelines.trace import export_saved_graph
+
+    result, graph = export_saved_graph(args.graph, args.output, args.fmt, threshold=args.threshold,
+                                       top_k_per_node=args.top_k_per_node, influence=args.influence,
+                                       shares=args.shares)
+    print(f"wrote {result.path} ({result.fmt}, {result.renderer}; {graph.number_of_nodes()} nodes, "
+          f"{graph.number_of_edges()} edges)")
+    for extra in result.extra_paths:
+        print(f"wrote {extra}")
+    if result.note:
+        print(f"note: {result.note}")

@@ -1,0 +1,88 @@
+"""`sparse-circuits`: one command, thin subcommands over the library.
+
+  fetch     obtain the default model and the registry corpus into the cache
+  train     harvest activations and train sparse autoencoders at hook points
+  evaluate  measure saved dictionaries on held-out text (L0, FVU, CE loss recovered, KL)
+  ioi       the IOI feature-patching benchmark: SAE features vs PCA, ICA, neurons, random, dense
+  trace     trace a feature's upstream features into a graph (attribution or ablation)
+  export    write a traced graph as SVG, PNG, DOT, GraphML, HTML or JSON
+  erase     concept erasure with dictionary features, compared with LEACE and projections
+  demo      the main job end to end on defaults
+
+A user mistake (bad hook, missing file, mismatched widths) prints one `error:` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparse_circuits.cli import demo, erase, evaluate, export, fetch, ioi, trace, train
+from sparse_circuits.cli.common import HelpFormatter, positive_int
+
+SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, export, erase, demo)  # in the order --help lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; building it imports nothing heavy."""
+    parser = argparse.ArgumentParser(prog="sparse-circuits", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice, usually one per core)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.add_parser(commands).set_defaults(run=module.run)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are a user's mistake: one `error:` line, exit 2. Imported only when needed
+    (these modules import torch)."""
+    from circuits.models import ModelLoadError
+    from sae.activation_store import StoreError
+    from sae.assets import AssetError
+    from sae.corpus import CorpusError
+
+    return ValueError, FileNotFoundError, AssetError, ModelLoadError, CorpusError, StoreError
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' weight-loading bars and advisories; ours report progress instead."""
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # transformers absent or its logging API moved: nothing to silence
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*TransformerBridge.*")
+
+
+def run_command(args: argparse.Namespace):
+    """Run the parsed subcommand (exceptions propagate: main turns user errors into exit 2)."""
+    return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and bad arguments exit here, before any heavy import
+    quiet_libraries()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        run_command(args)
+    except KeyboardInterrupt:
+        print("interrupted: completed shards and the last checkpoint are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

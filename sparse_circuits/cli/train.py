@@ -1,0 +1,75 @@
+"""`sparse-circuits train`: harvest activations at hook points in one pass, then train SAEs from that harvest."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
+
+DESCRIPTION = """Harvest activations at one or more hook points in one pass (stopping after the deepest), then
+train one SAE per hook and per L1 coefficient (or k) from that harvest. Writes
+OUT/<hook>[__l1_A]/{sae_weights.safetensors,cfg.json,training_log.csv}, checkpoints under
+OUT/checkpoints (rerun the same command to resume), and the activations under OUT/activations."""
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    parser = add_subcommand(commands, "train", help="harvest activations and train SAEs", description=DESCRIPTION)
+    add_model_arguments(parser)
+    parser.add_argument("--hook", action="append", required=True, metavar="HOOK",
+                        help="TransformerLens hook name, e.g. blocks.12.hook_resid_post (repeat for several)")
+    parser.add_argument("--tokens", type=positive_int, default=2_000_000, help="tokens to harvest")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the harvested tokens")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--arch", choices=["relu", "topk"], default="relu",
+                        help="relu: the paper's ReLU + L1 SAE; topk: k active features")
+    parser.add_argument("--expansion", type=positive_int, default=4, help="d_sae / d_in (the paper's R)")
+    parser.add_argument("--l1", type=float, nargs="+", default=[1e-3],
+                        help="L1 coefficient(s) alpha (relu); several train a sweep from one harvest")
+    parser.add_argument("--k", type=positive_int, nargs="+", default=[32],
+                        help="active features (topk); several train a sweep from one harvest")
+    tied = parser.add_mutually_exclusive_group()
+    tied.add_argument("--tied", dest="tied", action="store_true", default=True,
+                      help="encoder = decoder transpose, as in the paper (default)")
+    tied.add_argument("--untied", dest="tied", action="store_false", help="separate encoder weights")
+    parser.add_argument("--context-size", type=positive_int, default=128, help="tokens per harvested context")
+    parser.add_argument("--batch-size", type=positive_int, default=4096, help="activations per training step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (after warm-up)")
+    parser.add_argument("--activations", type=Path, metavar="DIR",
+                        help="activation store to harvest into or reuse (default: OUT/activations); a complete store "
+                             "harvested with the same settings for these hooks and more is reused as it is")
+    parser.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                        help="dtype of the stored activations")
+    parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="seed for context sampling, initialisation and batches")
+    parser.add_argument("--evaluate-tokens", type=int, default=0,
+                        help="after training, evaluate on this many held-out tokens (0: skip)")
+    return parser
+
+
+def run(args) -> None:
+    from circuits.hooks import validate_hooks
+    from circuits.models import load_model
+    from sae.corpus import load_corpus
+    from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
+    from sparse_circuits.pipelines.train import TrainRequest, train_on_model
+
+    request = TrainRequest(
+        hooks=args.hook, tokens=args.tokens, architecture="standard" if args.arch == "relu" else "topk",
+        expansion=args.expansion, l1_coefficients=args.l1, k_values=args.k, tied=args.tied, epochs=args.epochs,
+        context_size=args.context_size, batch_size=args.batch_size, lr=args.lr, store_dtype=args.store_dtype,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, resample_dead=args.resample_dead,
+        activations_dir=args.activations)
+    model = load_model(args.model, device=args.device)
+    validate_hooks(model, args.hook)
+    corpus = load_corpus(args.corpus)
+    results = train_on_model(model, corpus, request, args.out)
+    for result in results:
+        metrics = result.metrics
+        print(f"{result.folder}: L0 {metrics.get('l0', float('nan')):.1f}, FVU {metrics.get('fvu', float('nan')):.3f} "
+              f"(training batch)")
+    if args.evaluate_tokens:
+        evaluated = evaluate_folders(model, [result.folder for result in results], corpus, args.evaluate_tokens,
+                                     context_size=args.context_size)
+        print(format_eval_table(evaluated))
