@@ -97,3 +97,22 @@ def _threads_for_the_model_size(request):
     torch.set_num_threads(wanted)
     yield
     torch.set_num_threads(previous)
+
+
+def make_random_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0, hook: str = "blocks.1.hook_resid_post"):
+    """An untrained tied ReLU SAE with nonzero biases, so that codes are not trivially zero."""
+    from sae.config import DictionaryConfig
+    from sae.registry import build_dictionary
+
+    sae = build_dictionary(DictionaryConfig("standard", d_in=d_in, d_sae=d_sae, hook_name=hook, seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=generator))
+        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=generator))
+    return sae.eval()
+
+
+@pytest.fixture
+def random_sae():
+    """A factory: random_sae(d_in=32, d_sae=64, seed=0, hook=...) -> a fresh untrained SAE (never shared)."""
+    return make_random_sae
