@@ -4,11 +4,18 @@ A dictionary maps activations to codes (`encode`) and codes back to activations 
 Its feature directions are the decoder rows: `decode(c) = c @ feature_directions + bias`.
 Experiments (patching, erasure, tracing) only use this interface, so every decomposition
 is compared by the same code.
+
+`SparseAutoencoder` is the SAELens weight layout every SAE architecture shares (W_enc [d_in, d_sae],
+b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]); an architecture (one file each: relu.py, topk.py,
+batchtopk.py, jumprelu.py) adds its nonlinearity, its training loss and its SAELens cfg keys, and is
+registered by name in sae/registry.py. The training loop, io and tracing only call the methods here.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import abc
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,8 +28,33 @@ class DictionaryOutput(NamedTuple):
     codes: torch.Tensor  # [..., n_features]
 
 
-class Dictionary(nn.Module):
-    """Base class: subclasses implement `encode`, `decode` and `feature_directions`."""
+@dataclass(frozen=True)
+class TrainingState:
+    """What an architecture's training loss may depend on besides the batch."""
+
+    step: int  # 0-based index of this optimizer step
+    sparsity_ramp: float  # 0..1: the warm-up factor of the sparsity coefficient (cfg.l1_coefficient)
+    dead: torch.Tensor  # [d_sae] bool: features that did not fire within the dead window
+    aux_k_coefficient: float  # weight of the AuxK dead-feature loss for the architectures that use one
+
+
+@dataclass
+class TrainingLoss:
+    """One step's loss and what the loop logs and resamples from (all on the batch [batch, ...])."""
+
+    loss: torch.Tensor  # scalar that is minimised
+    mse: torch.Tensor  # mean_batch ||x_hat - x||^2 / d_in
+    codes: torch.Tensor  # [batch, d_sae]
+    residual: torch.Tensor  # [batch, d_in] x - x_hat
+    l1: torch.Tensor | None = None  # mean_batch ||codes||_1 when the loss computed it; else computed when logged
+
+    def detached(self) -> "TrainingLoss":
+        return TrainingLoss(self.loss.detach(), self.mse.detach(), self.codes.detach(), self.residual.detach(),
+                            None if self.l1 is None else self.l1.detach())
+
+
+class Dictionary(nn.Module, abc.ABC):
+    """Abstract base: subclasses implement `encode`, `decode` and `feature_directions`."""
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__()
@@ -36,18 +68,18 @@ class Dictionary(nn.Module):
     def n_features(self) -> int:
         return self.cfg.d_sae
 
+    @abc.abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> codes [..., n_features]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [..., n_features] -> reconstruction [..., d_in]."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def feature_directions(self) -> torch.Tensor:
         """[n_features, d_in]: what adding one unit of feature i adds to the reconstruction."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> DictionaryOutput:
         codes = self.encode(x)
@@ -61,3 +93,136 @@ class Dictionary(nn.Module):
                 f"dictionary for '{self.cfg.hook_name}' expects d_in={self.d_in}, but the activations{place} "
                 f"have width {width}; train or load a dictionary for this hook point and model"
             )
+
+
+def random_unit_rows(n_rows: int, width: int, seed: int) -> torch.Tensor:
+    """[n_rows, width] Gaussian directions normalised to unit length, a pure function of the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n_rows, width, generator=generator)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight + bias for x [..., n], in one fused matmul (no separate pass to add the bias)."""
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+    return flat.reshape(*x.shape[:-1], weight.shape[1])
+
+
+class SparseAutoencoder(Dictionary):
+    """codes = activation((x - b_dec) @ W_enc + b_enc); reconstruction = codes @ W_dec + b_dec.
+
+    (`- b_dec` only when cfg.apply_b_dec_to_input.) Tied: W_enc is W_dec.T, one parameter in memory.
+    Subclasses implement `activation` and `training_loss`; those with extra tensors (a threshold)
+    extend `fold_input_scale_`, `scale_features_`, `saelens_tensors` and `load_saelens_tensors`.
+    """
+
+    def __init__(self, cfg: DictionaryConfig):
+        super().__init__(cfg)
+        decoder = random_unit_rows(cfg.d_sae, cfg.d_in, cfg.seed)
+        self.W_dec = nn.Parameter(decoder)  # [d_sae, d_in]
+        if not cfg.tied:
+            self.W_enc = nn.Parameter(decoder.T.clone())  # [d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    def __getattr__(self, name: str):
+        # Tied: W_enc is a view of the decoder, so gradients from both uses reach one parameter.
+        if name == "W_enc" and self.cfg.tied:
+            return self.W_dec.T
+        return super().__getattr__(name)
+
+    # --- encode / decode --------------------------------------------------------------------------
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_sae] encoder outputs before the nonlinearity."""
+        bias = self.b_enc
+        if self.cfg.apply_b_dec_to_input:
+            # Equal to (x - b_dec) @ W_enc + b_enc. b_dec's gradient enters through a term whose value is
+            # exactly zero, so training skips a [batch, d_in] matmul that autograd would only sum over.
+            bias = bias + (self.b_dec.detach() - self.b_dec) @ self.W_enc.detach()
+            x = x - self.b_dec.detach()
+        return affine(x, self.W_enc, bias)
+
+    @abc.abstractmethod
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """[..., d_sae] pre-activations -> codes (the inference-time nonlinearity)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.pre_activations(x))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return affine(codes, self.W_dec, self.b_dec)
+
+    @property
+    def feature_directions(self) -> torch.Tensor:
+        return self.W_dec
+
+    # --- training -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
+        """The loss of one training step on x [batch, d_in] (in the normalised space, see sae/training)."""
+
+    def reconstruction_terms(self, x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual x - decode(codes) [batch, d_in], mse = mean_batch ||residual||^2 / d_in)."""
+        residual = x - self.decode(codes)
+        return residual, residual.pow(2).mean()
+
+    @classmethod
+    def describe(cls, cfg: DictionaryConfig) -> str:
+        """What tells this SAE apart from others on the same hook, for default folder names (`l1_0.001`)."""
+        return f"l1_{cfg.l1_coefficient:g}"
+
+    # --- transformations that keep what the SAE computes -------------------------------------------
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Make an SAE trained on x / scale work on raw x: reconstructions of x exactly, codes x scale.
+
+        Every architecture here is positively homogeneous in (x, biases, thresholds), so the biases
+        (and thresholds, in subclasses) are multiplied by `scale`; W_enc, W_dec (and tying) stay.
+        """
+        self.b_enc.mul_(scale)
+        self.b_dec.mul_(scale)
+        self.cfg.activation_scale = self.cfg.activation_scale * scale
+
+    @torch.no_grad()
+    def scale_features_(self, factors: torch.Tensor) -> None:
+        """Codes x factors [d_sae] (> 0), decoder rows / factors: the same reconstructions.
+
+        Used to load SAELens' `rescale_acts_by_decoder_norm` (factors = decoder row norms)."""
+        if self.cfg.tied:
+            raise ValueError("cannot rescale the features of a tied SAE; untie it first")
+        self.W_enc.mul_(factors)
+        self.b_enc.mul_(factors)
+        self.W_dec.div_(factors[:, None])
+
+    # --- SAELens files -----------------------------------------------------------------------------
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of `sae_weights.safetensors` in SAELens' names."""
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    @classmethod
+    def saelens_shapes(cls, cfg: DictionaryConfig) -> dict[str, list[int]]:
+        """The shape of every tensor `load_saelens_tensors` needs (W_enc may be absent when tied)."""
+        return {"W_enc": [cfg.d_in, cfg.d_sae], "b_enc": [cfg.d_sae], "W_dec": [cfg.d_sae, cfg.d_in],
+                "b_dec": [cfg.d_in]}
+
+    def saelens_cfg(self) -> dict[str, Any]:
+        """cfg.json contents: our fields plus the SAELens keys of this architecture."""
+        return self.cfg.to_dict()
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the tensors of a weights file (checked against `saelens_shapes`) into this SAE."""
+        state = {name: tensors[name].to(torch.float32) for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+                 if name in tensors}
+        if self.cfg.tied:
+            encoder = state.pop("W_enc", None)
+            if encoder is not None and not torch.equal(encoder, state["W_dec"].T):
+                raise ValueError("cfg.json says tied but W_enc is not W_dec.T; set \"tied\": false in cfg.json")
+        for name, value in state.items():
+            getattr(self, name).copy_(value)

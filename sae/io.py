@@ -18,13 +18,13 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from sae.assets import atomic_write_bytes, atomic_write_text
-from sae.config import DictionaryConfig
+from sae.config import DictionaryConfig, check_saelens_options
 from sae.dictionary import Dictionary
-from sae.registry import build_dictionary
+from sae.registry import architecture_class, build_dictionary
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
-WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")  # every SAE's; an architecture may add more (threshold)
 
 # Bytes per element of each safetensors dtype code.
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -111,22 +111,24 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_dictionary(dictionary: Dictionary, folder: str | Path) -> Path:
-    """Write `folder/sae_weights.safetensors` (float32) and `folder/cfg.json`, each atomically."""
-    missing = [name for name in WEIGHT_NAMES if not hasattr(dictionary, name)]
-    if missing:
-        raise TypeError(f"{type(dictionary).__name__} has no {missing}; only SAE-layout dictionaries can be saved")
+    """Write `folder/sae_weights.safetensors` (float32) and `folder/cfg.json` in SAELens' layout, atomically.
+
+    The architecture decides what is written (`saelens_tensors`, `saelens_cfg`): a BatchTopK SAE, for
+    one, is written as SAELens writes it, a JumpReLU SAE with its global threshold."""
+    if not hasattr(dictionary, "saelens_tensors"):
+        raise TypeError(f"{type(dictionary).__name__} has no saelens_tensors(); only SAE-layout dictionaries "
+                        "(sae.dictionary.SparseAutoencoder) can be saved")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: getattr(dictionary, name).detach().to("cpu", torch.float32).contiguous().clone()
-               for name in WEIGHT_NAMES}
+    tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous().clone()
+               for name, tensor in dictionary.saelens_tensors().items()}
     write_tensor_file(tensors, folder / WEIGHTS_FILE)
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(dictionary.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(dictionary.saelens_cfg(), indent=2, sort_keys=True) + "\n")
     return folder
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    return getattr(torch, str(name).removeprefix("torch."))  # checked by check_saelens_options
 
 
 def read_dictionary_config(folder: str | Path) -> DictionaryConfig:
@@ -145,21 +147,19 @@ def read_dictionary_config(folder: str | Path) -> DictionaryConfig:
         raise DictionaryFileError(f"{folder / CONFIG_FILE} is not a valid dictionary config: {error}") from error
 
 
-def _expected_shapes(cfg: DictionaryConfig) -> dict[str, list[int]]:
-    return {"W_enc": [cfg.d_in, cfg.d_sae], "b_enc": [cfg.d_sae], "W_dec": [cfg.d_sae, cfg.d_in], "b_dec": [cfg.d_in]}
-
-
 def _check_weight_shapes(path: Path, cfg: DictionaryConfig, header: dict[str, tuple[str, list[int]]]) -> None:
-    required = [name for name in WEIGHT_NAMES if not (cfg.tied and name == "W_enc")]
+    shapes = architecture_class(cfg.architecture).saelens_shapes(cfg)
+    required = [name for name in shapes if not (cfg.tied and name == "W_enc")]
     absent = [name for name in required if name not in header]
     if absent:
-        raise DictionaryFileError(f"{path} has no tensor(s) {absent}; a dictionary needs {list(WEIGHT_NAMES)}")
-    for name, shape in _expected_shapes(cfg).items():
+        raise DictionaryFileError(f"{path} has no tensor(s) {absent}; a '{cfg.architecture}' dictionary needs "
+                                  f"{list(shapes)}")
+    for name, shape in shapes.items():
         if name in header and header[name][1] != shape:
             raise DictionaryFileError(
                 f"{path}: {name} has shape {header[name][1]} but cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae}) "
                 f"needs {shape}; the weights and cfg.json belong to different dictionaries")
-    ignored = sorted(set(header) - set(WEIGHT_NAMES))
+    ignored = sorted(set(header) - set(shapes))
     if ignored:
         warnings.warn(f"{path}: ignoring tensors this library does not use: {ignored}", stacklevel=3)
 
@@ -172,33 +172,30 @@ def _check_expected_width(folder: Path, cfg: DictionaryConfig, expected_d_in: in
             "model and hook point, or train one")
 
 
-def _warn_unsupported_options(folder: Path) -> None:
-    """SAELens options that change encode/decode beyond the weights; we do not apply them."""
-    raw = json.loads((folder / CONFIG_FILE).read_text())
-    normalisation = raw.get("normalize_activations") or "none"
-    if normalisation != "none":
-        warnings.warn(f"{folder}: cfg.json asks for normalize_activations={normalisation!r}, which is not applied "
-                      "here; inputs are used as they are", stacklevel=3)
-
-
 def load_dictionary(folder: str | Path, expected_d_in: int | None = None, device: str | torch.device = "cpu"
                     ) -> Dictionary:
-    """A dictionary from a folder written by `save_dictionary` or by SAELens."""
+    """A dictionary from a folder written by `save_dictionary` or by SAELens.
+
+    SAELens options that change the maths are honoured (`rescale_acts_by_decoder_norm` is folded into
+    the weights: same codes and reconstructions, unit decoder rows) or rejected with a DictionaryFileError."""
     folder = Path(folder)
     cfg = read_dictionary_config(folder)
+    try:
+        options = check_saelens_options(json.loads((folder / CONFIG_FILE).read_text()))
+        architecture_class(cfg.architecture)
+    except ValueError as error:
+        raise DictionaryFileError(f"{folder}: {error}") from error
     _check_expected_width(folder, cfg, expected_d_in)
     weights_path = folder / WEIGHTS_FILE
     _check_weight_shapes(weights_path, cfg, read_safetensors_header(weights_path))
-    _warn_unsupported_options(folder)
     tensors = read_tensor_file(weights_path)
     dictionary = build_dictionary(cfg)
-    state = {name: tensors[name].to(torch.float32) for name in WEIGHT_NAMES if name in tensors}
-    if cfg.tied:
-        encoder = state.pop("W_enc", None)
-        if encoder is not None and not torch.equal(encoder, state["W_dec"].T):
-            raise DictionaryFileError(f"{weights_path}: cfg.json says tied but W_enc is not W_dec.T; "
-                                      "set \"tied\": false in cfg.json")
-    dictionary.load_state_dict(state, strict=True)
+    try:
+        dictionary.load_saelens_tensors(tensors)
+    except ValueError as error:
+        raise DictionaryFileError(f"{weights_path}: {error}") from error
+    if options.rescale_acts_by_decoder_norm:
+        dictionary.scale_features_(dictionary.W_dec.detach().norm(dim=-1))
     return dictionary.to(device=device, dtype=_torch_dtype(cfg.dtype)).eval()
 
 

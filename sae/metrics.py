@@ -1,5 +1,7 @@
-"""Activation-level metrics of a dictionary: sparsity (L0), reconstruction (FVU, MSE), dead and
-dense features. Totals are accumulated over every token given, never averaged batch by batch."""
+"""Activation-level metrics of a dictionary, in one place: sparsity (L0), reconstruction (FVU, MSE), dead
+and dense features, the typical-token rule for massive activations, and `ReconstructionTotals`, the running
+totals that training logs, `activation_metrics` and circuits' evaluation all report. Totals are accumulated
+over every token given, never averaged batch by batch."""
 
 from __future__ import annotations
 
@@ -46,11 +48,16 @@ def outlier_positions(activation: torch.Tensor, factor: float | None = OUTLIER_N
     return real & (norms > factor * median)
 
 
+def fraction_unexplained(residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """FVU from the residual x - x_hat: sum |residual|^2 / sum |x - mean(x)|^2 over tokens [..., d]."""
+    x = x.reshape(-1, x.shape[-1])
+    return residual.reshape(-1, x.shape[-1]).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+
+
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over tokens [..., d]."""
     x = x.reshape(-1, x.shape[-1])
-    x_hat = x_hat.reshape(-1, x.shape[-1])
-    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+    return fraction_unexplained(x - x_hat.reshape(-1, x.shape[-1]), x)
 
 
 class FeatureFrequency:
@@ -83,40 +90,80 @@ class FeatureFrequency:
         return (self.frequencies > self.dense_threshold).double().mean().item()
 
 
-class _ReconstructionTotals:
-    """Exact sums for MSE and FVU over many batches (float64, per-dimension moments)."""
+class _Moments:
+    """Running float64 sums for the FVU of one token set: squared error, sum of x, sum of |x|^2."""
 
-    def __init__(self, d_in: int):
-        self.squared_error = 0.0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_x_squared = torch.zeros(d_in, dtype=torch.float64)
-        self.nonzero_codes = 0
-        self.n_tokens = 0
+    def __init__(self) -> None:
+        self.tokens, self.squared_error, self.activation_squared = 0, 0.0, 0.0
+        self.activation_sum: torch.Tensor | None = None
+
+    def add(self, x64: torch.Tensor, error: torch.Tensor) -> None:
+        """x64 [tokens, d] float64; error [tokens] squared reconstruction errors."""
+        self.tokens += x64.shape[0]
+        self.squared_error += error.sum().item()
+        total = x64.sum(dim=0).cpu()
+        self.activation_sum = total if self.activation_sum is None else self.activation_sum + total
+        self.activation_squared += x64.pow(2).sum().item()
+
+    def unexplained_fraction(self) -> float:
+        """Squared error over the summed squared deviation from the mean."""
+        if self.tokens == 0:
+            return float("nan")
+        mean = self.activation_sum / self.tokens
+        return self.squared_error / (self.activation_squared - self.tokens * mean.pow(2).sum().item())
+
+
+class ReconstructionTotals:
+    """Exact running totals of a dictionary's reconstruction and sparsity over many batches.
+
+    Massive activations (norm > OUTLIER_NORM_FACTOR x the median of their batch, `typical_token_mask`) would
+    dominate every variance-based number, so `fvu`, `mse` and `l0` are over the typical tokens, and
+    `fvu_all_tokens` and `outlier_fraction` are reported beside them; dead and dense fractions count
+    every token. `update(x, x_hat, codes)` per batch, `summary()` at the end.
+    """
+
+    def __init__(self, d_in: int, n_features: int | None = None, dense_threshold: float = 0.1):
+        self.d_in = d_in
+        self.typical, self.all = _Moments(), _Moments()
+        self.active = 0
+        self.frequency = FeatureFrequency(n_features, dense_threshold) if n_features else None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.all.tokens
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        x64 = x.double()
-        self.squared_error += (x64 - x_hat.double()).pow(2).sum().item()
-        self.sum_x += x64.sum(dim=0).cpu()
-        self.sum_x_squared += x64.pow(2).sum(dim=0).cpu()
-        self.nonzero_codes += int((codes != 0).sum().item())
-        self.n_tokens += x.shape[0]
+        """x, x_hat [..., d_in]; codes [..., n_features], for the same tokens."""
+        x64 = x.detach().reshape(-1, x.shape[-1]).double()
+        codes = codes.detach().reshape(-1, codes.shape[-1])
+        error = (x_hat.detach().reshape(x64.shape).double() - x64).pow(2).sum(dim=-1)  # [tokens]
+        typical = typical_token_mask(x64)
+        self.all.add(x64, error)
+        self.typical.add(x64[typical], error[typical])
+        self.active += int((codes[typical] != 0).sum().item())
+        if self.frequency is None:
+            self.frequency = FeatureFrequency(codes.shape[-1])
+        self.frequency.update(codes)
 
     def summary(self) -> dict[str, float]:
-        n, d_in = self.n_tokens, self.sum_x.shape[0]
-        total_variance = (self.sum_x_squared - self.sum_x.pow(2) / n).sum().item()
-        return {"l0": self.nonzero_codes / n, "fvu": self.squared_error / total_variance,
-                "mse": self.squared_error / (n * d_in)}
+        """l0, fvu, fvu_all_tokens, outlier_fraction, mse, dead_fraction, dense_fraction."""
+        if self.all.tokens == 0:
+            raise ValueError("no tokens were added to these reconstruction totals; update() them first")
+        typical = max(self.typical.tokens, 1)
+        return {"l0": self.active / typical, "fvu": self.typical.unexplained_fraction(), "fvu_all_tokens": self.all.unexplained_fraction(),
+                "outlier_fraction": 1 - self.typical.tokens / self.all.tokens,
+                "mse": self.typical.squared_error / (typical * self.d_in),
+                "dead_fraction": self.frequency.dead_fraction, "dense_fraction": self.frequency.dense_fraction}
 
 
 @torch.no_grad()
 def activation_metrics(dictionary: Dictionary, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]],
                        dense_threshold: float = 0.1) -> dict[str, float]:
-    """l0, fvu, mse (per element), dead_fraction and dense_fraction over all tokens of `batches`.
+    """`ReconstructionTotals.summary()` of the dictionary over all tokens of `batches`.
 
     Each batch is [..., d_in] activations, or a {hook: tensor} dict from which the dictionary's hook is taken.
     """
-    totals = _ReconstructionTotals(dictionary.d_in)
-    frequency = FeatureFrequency(dictionary.n_features, dense_threshold)
+    totals = ReconstructionTotals(dictionary.d_in, dictionary.n_features, dense_threshold)
     parameter = next(dictionary.parameters(), None)
     device = parameter.device if parameter is not None else "cpu"
     for batch in batches:
@@ -125,8 +172,6 @@ def activation_metrics(dictionary: Dictionary, batches: Iterable[torch.Tensor | 
         x = x.reshape(-1, x.shape[-1]).to(device, torch.float32)
         x_hat, codes = dictionary(x)
         totals.update(x, x_hat, codes)
-        frequency.update(codes)
     if totals.n_tokens == 0:
         raise ValueError("activation_metrics got no batches; pass at least one batch of activations")
-    return {**totals.summary(), "dead_fraction": frequency.dead_fraction,
-            "dense_fraction": frequency.dense_fraction}
+    return totals.summary()

@@ -1,15 +1,22 @@
-"""Architectures by the name stored in cfg.json's `architecture` key."""
+"""Architectures by the name stored in cfg.json's `architecture` key.
+
+Adding an architecture is one file (a `SparseAutoencoder` subclass) and one line in `_BUILT_IN`.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from sae.config import DictionaryConfig
 from sae.dictionary import Dictionary
-from sae.relu import ReluSAE
-from sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
+
+_BUILT_IN = {  # architecture name -> "module:class"
+    "standard": "sae.relu:ReluSAE",
+    "topk": "sae.topk:TopKSAE",
+}
 
 
 def register_architecture(name: str) -> Callable[[type[Dictionary]], type[Dictionary]]:
@@ -24,14 +31,25 @@ def register_architecture(name: str) -> Callable[[type[Dictionary]], type[Dictio
     return register
 
 
+def architecture_class(name: str) -> type[Dictionary]:
+    """The class registered under `name`, with an error listing the known names."""
+    cls = ARCHITECTURES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown dictionary architecture '{name}'; known: {sorted(ARCHITECTURES)}. "
+                         "Register it with sae.registry.register_architecture")
+    return cls
+
+
+def is_trainable(name: str) -> bool:
+    """Whether the architecture defines a training loss (every registered SAE does)."""
+    return callable(getattr(architecture_class(name), "training_loss", None))
+
+
 def build_dictionary(cfg: DictionaryConfig) -> Dictionary:
     """A freshly initialised dictionary of the architecture cfg names."""
-    cls = ARCHITECTURES.get(cfg.architecture)
-    if cls is None:
-        raise ValueError(f"unknown dictionary architecture '{cfg.architecture}'; known: {sorted(ARCHITECTURES)}. "
-                         "Register it with sae.registry.register_architecture")
-    return cls(cfg)
+    return architecture_class(cfg.architecture)(cfg)
 
 
-register_architecture("standard")(ReluSAE)
-register_architecture("topk")(TopKSAE)
+for _name, _target in _BUILT_IN.items():
+    _module, _class = _target.split(":")
+    register_architecture(_name)(getattr(importlib.import_module(_module), _class))

@@ -1,21 +1,70 @@
 """TopK sparse autoencoder (Gao et al., 2024): the ReLU SAE's weights, but only the k largest
-pre-activations of each token survive, so L0 is exactly k (fewer if some of them are negative)."""
+pre-activations of each token survive, so L0 is exactly k (fewer if some of them are negative).
+
+Training loss (normalised space): mean_batch ||x_hat - x||^2 / d_in + aux_k_coefficient * AuxK, where
+AuxK (only while some latents are dead) = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2, e = x - x_hat
+(detached) and e_hat is e reconstructed from the d_in/2 largest dead latents alone.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from sae.config import DictionaryConfig
+from sae.dictionary import SparseAutoencoder, TrainingLoss, TrainingState
 from sae.relu import ReluSAE
+
+
+def check_k(cfg: DictionaryConfig, architecture: str = "TopK") -> None:
+    if cfg.k is None or not 0 < cfg.k <= cfg.d_sae:
+        raise ValueError(f"a {architecture} SAE needs 0 < k <= d_sae={cfg.d_sae}, got k={cfg.k}; set cfg.k")
+
+
+def aux_k_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): how well the top dead latents reconstruct the residual, normalised.
+
+    pre [batch, d_sae] pre-activations; residual [batch, d_in] = x - x_hat (detached); dead [d_sae] bool.
+    """
+    k_aux = min(max(sae.d_in // 2, 1), sae.n_features)
+    candidates = torch.relu(pre) * dead
+    top = candidates.topk(k_aux, dim=-1, sorted=False)
+    codes = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+    residual_hat = codes @ sae.W_dec
+    total = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return (residual_hat - residual).pow(2).sum() / total
+
+
+def with_aux_k(sae: SparseAutoencoder, pre: torch.Tensor, mse: torch.Tensor, residual: torch.Tensor,
+               state: TrainingState) -> torch.Tensor:
+    """mse, plus aux_k_coefficient * AuxK while some latents are dead."""
+    loss = mse
+    if state.aux_k_coefficient > 0 and bool(state.dead.any()):
+        loss = loss + state.aux_k_coefficient * aux_k_loss(sae, pre, residual.detach(), state.dead)
+    return loss
 
 
 class TopKSAE(ReluSAE):
     def __init__(self, cfg: DictionaryConfig):
-        if cfg.k is None or not 0 < cfg.k <= cfg.d_sae:
-            raise ValueError(f"a TopK SAE needs 0 < k <= d_sae={cfg.d_sae}, got k={cfg.k}; set cfg.k")
+        check_k(cfg)
         super().__init__(cfg)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """[..., d_sae] -> the same shape with all but the k largest (ReLU'd) entries zeroed."""
         top = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+
+    def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
+        pre = self.pre_activations(x)
+        codes = self.activation(pre)
+        residual, mse = self.reconstruction_terms(x, codes)
+        return TrainingLoss(with_aux_k(self, pre, mse, residual, state), mse, codes, residual)
+
+    @classmethod
+    def describe(cls, cfg: DictionaryConfig) -> str:
+        return f"k_{cfg.k}"
+
+    def saelens_cfg(self) -> dict[str, Any]:
+        return {**super().saelens_cfg(), "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.cfg.k},
+                "rescale_acts_by_decoder_norm": False}

@@ -1,0 +1,73 @@
+"""How to train: the schedule (learning rate, sparsity warm-up), dead-feature windows, resampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainingConfig:
+    """How to train; what to train is in each DictionaryConfig."""
+
+    total_tokens: int
+    batch_size: int = 4096
+    lr: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup_steps: int = 0  # linear ramp of the learning rate from 0
+    lr_decay_fraction: float = 0.2  # linear decay to 0 over this last fraction of the steps
+    l1_warmup_steps: int | None = None  # L1 coefficient ramps 0 -> alpha; None: 5% of the steps
+    checkpoint_every: int | None = 1000  # steps; None: no periodic checkpoints
+    log_every: int = 100  # steps
+    seed: int = 0  # batch order and resampling
+    dead_window_tokens: int = 10_000_000  # a feature that did not fire in this many tokens is dead
+    resample_dead: bool = False  # give dead features new directions (Bricken et al. 2023)
+    resample_every: int = 25_000  # steps; never during the final learning-rate decay
+    aux_k_coefficient: float = 1 / 32  # AuxK weight for the architectures that use it (TopK, BatchTopK); 0: off
+    dense_threshold: float = 0.1  # logged dense_fraction: features firing on more than this fraction of a batch
+    exclude_outliers: bool = True  # leave massive activations (norm > 10x the batch median) out of every step
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.total_tokens < 1:
+            raise ValueError(f"total_tokens and batch_size must be positive, got total_tokens={self.total_tokens}, "
+                             f"batch_size={self.batch_size}")
+        if not 0.0 <= self.lr_decay_fraction <= 1.0:
+            raise ValueError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
+        for name in ("log_every", "resample_every", "dead_window_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1 or None, got {self.checkpoint_every}")
+
+    @property
+    def total_steps(self) -> int:
+        """total_tokens // batch_size, at least one step."""
+        return max(1, self.total_tokens // self.batch_size)
+
+    @property
+    def l1_warmup(self) -> int:
+        if self.l1_warmup_steps is not None:
+            return self.l1_warmup_steps
+        return max(1, round(0.05 * self.total_steps))
+
+    @property
+    def decay_start(self) -> int:
+        """The first step of the final learning-rate decay (total_steps if there is none)."""
+        return self.total_steps - int(self.total_steps * self.lr_decay_fraction)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the step with 0-based index `step`."""
+        factor = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps > 0 else 1.0
+        if step >= self.decay_start:
+            factor *= (self.total_steps - step) / (self.total_steps - self.decay_start)
+        return self.lr * factor
+
+    def resamples_after(self, steps_done: int) -> bool:
+        """Resample at multiples of resample_every, but not in the final decay (no time left to learn)."""
+        return self.resample_dead and steps_done % self.resample_every == 0 and steps_done < self.decay_start
+
+    def sparsity_ramp(self, step: int) -> float:
+        """The warm-up factor (0..1] of the sparsity coefficient at 0-based `step`."""
+        return min(1.0, (step + 1) / self.l1_warmup) if self.l1_warmup > 0 else 1.0
+
+    def l1_coefficient(self, alpha: float, step: int) -> float:
+        return alpha * self.sparsity_ramp(step)

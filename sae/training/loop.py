@@ -1,0 +1,300 @@
+"""Training sparse autoencoders on activations, many at once from one pass over the data.
+
+Loss scaling. For each hook, a scalar s = sqrt(mean_tokens ||x||^2 / d_in) is measured on the first
+batch (batch 0 of the seed), and every SAE on that hook trains on x / s, so one L1 coefficient and
+learning rate mean the same thing at every layer and model. In that normalised space each architecture
+computes its own loss (`training_loss`; the formulas are in sae/relu.py, topk.py, batchtopk.py, jumprelu.py),
+with decoder rows held at unit norm (the gradient along each row is removed before the Adam step and
+rows are renormalised after it), so a sparsity penalty cannot be dodged by shrinking codes. The sparsity
+coefficient ramps up linearly over l1_warmup_steps; the learning rate warms up, then decays linearly to 0.
+This loop knows no architecture: it asks the registry to build one and the SAE for its loss.
+
+When training ends, s is folded into the weights (`fold_input_scale_`: b_enc, b_dec and any threshold
+multiplied by s; W_enc, W_dec unchanged), so a saved SAE takes raw activations and reconstructs them exactly as the normalised one
+did, its codes being s times larger; s is recorded in cfg.activation_scale. Logged mse and l1 are in
+the normalised space; fvu does not depend on s.
+
+Massive activations. A few tokens in ten thousand (attention sinks: in SmolLM2 the first token of a
+context that starts mid-document, residual norm ~18,000-25,000 against ~150) would, squared, outweigh
+all the others in the loss: in one measured run (blocks.12, 800k tokens, alpha 3e-3) training on them
+gave L0 58 / FVU 0.60 on held-out typical tokens, leaving them out L0 30 / FVU 0.42. By default
+(`exclude_outliers`) each batch drops its tokens whose norm exceeds 10x the batch median
+(sae.metrics.typical_token_mask) before the step; a spliced dictionary passes such positions
+through unedited, as it does BOS (circuits/splicing.py).
+
+Checkpoints (sae/training/checkpoints.py) make a resumed run equal bit for bit to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from sae import io as dictionary_io
+from sae.assets import atomic_write_text
+from sae.batches import BatchSource
+from sae.config import DictionaryConfig
+from sae.dictionary import Dictionary, TrainingLoss, TrainingState
+from sae.metrics import fraction_unexplained, l0, typical_token_mask
+from sae.registry import architecture_class, build_dictionary, is_trainable
+from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpoint, restore_checkpoint,
+                                      run_fingerprint, write_checkpoint)
+from sae.training.config import TrainingConfig
+from sae.training.resampling import resample_dead_features, resampling_generator
+
+LOG_FILE = "training_log.csv"
+LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l1", "l0", "fvu", "dead_fraction", "lr", "dense_fraction"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    name: str
+    folder: Path
+    metrics: dict[str, float]  # the last logged row, plus activation_scale
+    dictionary: Dictionary | None = None  # the saved (scale-folded) dictionary, on CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def default_names(configs: list[DictionaryConfig]) -> list[str]:
+    """The hook name; where several configs share a hook, suffixes for what tells them apart
+    (`blocks.3.hook_resid_post__l1_0.001`, `__k_32`, then `__d_4096`, `__tied`, `__seed_1` if needed)."""
+    describers = [lambda cfg: architecture_class(cfg.architecture).describe(cfg),
+                  lambda cfg: f"d_{cfg.d_sae}", lambda cfg: "tied" if cfg.tied else "untied",
+                  lambda cfg: f"seed_{cfg.seed}"]
+    names = [cfg.hook_name for cfg in configs]
+    for describe in describers:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, name in enumerate(names):
+            groups[name].append(index)
+        for indices in groups.values():
+            descriptions = [describe(configs[index]) for index in indices]
+            if len(set(descriptions)) > 1:
+                for index, description in zip(indices, descriptions):
+                    names[index] = f"{names[index]}__{description}"
+    counts, seen = Counter(names), Counter()
+    for index, name in enumerate(list(names)):
+        if counts[name] > 1:  # identical configs: number them
+            names[index] = f"{name}__{seen[name]}"
+            seen[name] += 1
+    return names
+
+
+def _check_inputs(source: BatchSource, configs: list[DictionaryConfig], names: list[str]) -> None:
+    """Everything that can be wrong with the request, before any compute."""
+    if not configs:
+        raise ValueError("train_dictionaries needs at least one DictionaryConfig")
+    if len(names) != len(configs) or len(set(names)) != len(names):
+        raise ValueError(f"need one distinct name per config, got {names} for {len(configs)} configs")
+    for name in names:
+        if not name or "/" in name or os.sep in name or name.startswith(".") or name == CHECKPOINT_FOLDER:
+            raise ValueError(f"'{name}' cannot be a folder name for a dictionary; pass other names")
+    for cfg in configs:
+        if cfg.hook_name not in source.hooks:
+            raise ValueError(f"config hook '{cfg.hook_name}' is not in the activation source, which has "
+                             f"{source.hooks}; harvest that hook or fix the config")
+        width = source.d_in(cfg.hook_name)
+        if width != cfg.d_in:
+            raise ValueError(f"config for '{cfg.hook_name}' has d_in={cfg.d_in}, but the activations there have "
+                             f"width {width}; set d_in={width}")
+        if not is_trainable(cfg.architecture):
+            raise ValueError(f"architecture '{cfg.architecture}' has no training loss; train_dictionaries trains "
+                             "SAEs (sae.dictionary.SparseAutoencoder subclasses)")
+        build_dictionary(cfg)  # the architecture checks its own options (k, ...)
+
+
+def _new_trainee(name: str, cfg: DictionaryConfig, training: TrainingConfig, device: torch.device) -> Trainee:
+    sae = build_dictionary(copy.deepcopy(cfg)).to(device).train()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=training.lr, betas=tuple(training.adam_betas))
+    counters = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
+    return Trainee(name, cfg.hook_name, sae, optimizer, counters)
+
+
+def activation_scale(x: torch.Tensor) -> float:
+    """s = sqrt(mean ||x||^2 / d_in) over the typical tokens of x [tokens, d_in].
+
+    Tokens whose norm exceeds 10x the median are left out (sae.metrics.typical_token_mask): a single massive
+    activation (an attention-sink token, norm ~25,000 against ~150 in SmolLM2) would otherwise
+    set the scale by itself, and make it depend on whether batch 0 happened to hold one."""
+    rows = x.double()
+    typical = rows[typical_token_mask(rows)]
+    return math.sqrt(typical.pow(2).mean().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# the training step
+
+
+@torch.no_grad()
+def remove_parallel_decoder_gradient(decoder: torch.Tensor) -> None:
+    """Project out the gradient component along each (unit) decoder row, in place."""
+    if decoder.grad is not None:
+        parallel = (decoder.grad * decoder).sum(dim=1, keepdim=True)
+        decoder.grad.sub_(parallel * decoder)
+
+
+@torch.no_grad()
+def normalize_decoder_rows(decoder: torch.Tensor) -> None:
+    decoder.div_(decoder.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: TrainingConfig) -> TrainingLoss:
+    sae = trainee.sae
+    state = TrainingState(step=step, sparsity_ramp=training.sparsity_ramp(step),
+                          dead=trainee.tokens_since_fired >= training.dead_window_tokens,
+                          aux_k_coefficient=training.aux_k_coefficient)
+    out = sae.training_loss(x, state)
+    lr = training.learning_rate(step)
+    for group in trainee.optimizer.param_groups:
+        group["lr"] = lr
+    trainee.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    remove_parallel_decoder_gradient(sae.W_dec)
+    trainee.optimizer.step()
+    normalize_decoder_rows(sae.W_dec)
+
+    with torch.no_grad():
+        trainee.tokens_since_fired += x.shape[0]
+        trainee.tokens_since_fired.masked_fill_((out.codes != 0).any(dim=0), 0)
+    return out.detached()
+
+
+@torch.no_grad()
+def _log_row(trainee: Trainee, x: torch.Tensor, out: TrainingLoss, step: int, training: TrainingConfig
+             ) -> dict[str, float]:
+    typical = typical_token_mask(x)  # as in evaluation: massive activations would dominate
+    fvu = fraction_unexplained(out.residual[typical], x[typical])
+    dead = (trainee.tokens_since_fired >= training.dead_window_tokens).float().mean()
+    dense = ((out.codes != 0).float().mean(dim=0) > training.dense_threshold).float().mean()  # in this batch
+    l1 = out.l1 if out.l1 is not None else out.codes.sum(dim=-1).mean()
+    values = torch.stack([out.loss, out.mse, l1, l0(out.codes), fvu, dead, dense]).tolist()
+    row = {"step": step, "tokens": step * training.batch_size}
+    row.update(zip(["loss", "mse", "l1", "l0", "fvu", "dead_fraction", "dense_fraction"], values))
+    row["lr"] = training.learning_rate(step - 1)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, training: TrainingConfig
+                 ) -> TrainResult:
+    """Fold the scale into a copy of the SAE and write its folder and training log."""
+    final = copy.deepcopy(trainee.sae).cpu().eval()
+    final.fold_input_scale_(scale)
+    final.cfg.extra = {**final.cfg.extra, "trained_steps": step, "trained_tokens": step * training.batch_size,
+                       "training_complete": step >= training.total_steps,
+                       "training": json.loads(json.dumps(dataclasses.asdict(training)))}
+    folder = dictionary_io.save_dictionary(final, out_dir / trainee.name)
+    log = pd.DataFrame(trainee.log_rows, columns=LOG_COLUMNS)
+    atomic_write_text(folder / LOG_FILE, log.to_csv(index=False))
+    metrics = dict(trainee.log_rows[-1]) if trainee.log_rows else {}
+    metrics["activation_scale"] = scale
+    return TrainResult(trainee.name, folder, metrics, final)
+
+
+def _progress_postfix(trainees: list[Trainee]) -> dict[str, str]:
+    rows = [trainee.log_rows[-1] for trainee in trainees if trainee.log_rows]
+    if not rows:
+        return {}
+    if len(rows) == 1:
+        return {"loss": f"{rows[0]['loss']:.4g}", "L0": f"{rows[0]['l0']:.1f}", "FVU": f"{rows[0]['fvu']:.3f}"}
+    return {"L0": "/".join(f"{row['l0']:.0f}" for row in rows), "FVU": "/".join(f"{row['fvu']:.2f}" for row in rows)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_dictionaries(source: BatchSource, configs: list[DictionaryConfig], training: TrainingConfig,
+                       out_dir: str | Path, *, names: list[str] | None = None, progress: bool = True,
+                       stop_after_steps: int | None = None, device: str | torch.device = "cpu"
+                       ) -> list[TrainResult]:
+    """Train one SAE per config, all stepping on the same batches (read once), resuming if possible.
+
+    Writes `out_dir/<name>/` (sae_weights.safetensors, cfg.json, training_log.csv) per SAE and
+    checkpoints under `out_dir/checkpoints/`. `stop_after_steps` stops early after checkpointing.
+    """
+    names = list(names) if names is not None else default_names(configs)
+    _check_inputs(source, configs, names)
+    if stop_after_steps is not None and stop_after_steps < 1:
+        raise ValueError(f"stop_after_steps must be at least 1, got {stop_after_steps}")
+    out_dir, device = Path(out_dir), torch.device(device)
+    trainees = [_new_trainee(name, cfg, training, device) for name, cfg in zip(names, configs)]
+    fingerprint = run_fingerprint(names, configs, training)
+    hooks = list(dict.fromkeys(cfg.hook_name for cfg in configs))
+
+    start_step, scales = 0, {}
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        start_step, scales = restore_checkpoint(checkpoint, trainees, fingerprint)
+    end_step = training.total_steps if stop_after_steps is None else min(stop_after_steps, training.total_steps)
+    batches = source.batches(hooks, training.batch_size, training.seed, start_batch=start_step)
+
+    step = start_step
+    with tqdm(total=training.total_steps, initial=start_step, disable=not progress, desc="training SAEs",
+              unit="step") as bar:
+        while step < end_step:
+            raw = next(batches)
+            if step == 0:
+                scales = _initialise_from_first_batch(raw, trainees, device)
+            inputs = {hook: _training_rows(raw[hook], training).to(device, torch.float32) / scales[hook]
+                      for hook in hooks}
+            step = _step_all(trainees, inputs, step, training)
+            if step % training.log_every == 0 or step == end_step:
+                bar.set_postfix(_progress_postfix(trainees), refresh=False)
+            bar.update(1)
+            if (training.checkpoint_every and step % training.checkpoint_every == 0) or (
+                    step == end_step and (training.checkpoint_every or end_step < training.total_steps)):
+                write_checkpoint(out_dir, step, scales, trainees, fingerprint, batch_size=training.batch_size)
+    return [_save_result(trainee, scales[trainee.hook], out_dir, step, training) for trainee in trainees]
+
+
+def _training_rows(x: torch.Tensor, training: TrainingConfig) -> torch.Tensor:
+    """The rows of one batch [batch, d_in] that an SAE trains on: all, or the typical ones (see module docstring)."""
+    return x[typical_token_mask(x)] if training.exclude_outliers else x
+
+
+def _initialise_from_first_batch(raw: dict[str, torch.Tensor], trainees: list[Trainee], device: torch.device
+                                 ) -> dict[str, float]:
+    """Measure each hook's scale on batch 0 and start every b_dec at the (normalised) mean of its typical tokens."""
+    scales = {hook: activation_scale(tensor) for hook, tensor in raw.items()}
+    for hook, scale in scales.items():
+        if not math.isfinite(scale) or scale == 0:
+            raise ValueError(f"the first batch of activations at '{hook}' has scale {scale} (all zero, inf or nan); "
+                             "check the harvested activations")
+    with torch.no_grad():
+        for trainee in trainees:
+            rows = raw[trainee.hook][typical_token_mask(raw[trainee.hook])]
+            mean = rows.to(device, torch.float32).mean(dim=0) / scales[trainee.hook]
+            trainee.sae.b_dec.copy_(mean)
+    return scales
+
+
+def _step_all(trainees: list[Trainee], inputs: dict[str, torch.Tensor], step: int, training: TrainingConfig
+              ) -> int:
+    """One optimizer step of every SAE on this batch; returns the number of steps done."""
+    done = step + 1
+    for index, trainee in enumerate(trainees):
+        x = inputs[trainee.hook]
+        out = _training_step(trainee, x, step, training)
+        if done % training.log_every == 0 or done == training.total_steps:
+            trainee.log_rows.append(_log_row(trainee, x, out, done, training))
+        if training.resamples_after(done):
+            dead = trainee.tokens_since_fired >= training.dead_window_tokens
+            generator = resampling_generator(training.seed, done, index)
+            if resample_dead_features(trainee.sae, trainee.optimizer, dead, out.residual, generator):
+                trainee.tokens_since_fired.masked_fill_(dead, 0)
+    return done
