@@ -1,0 +1,242 @@
+"""Regression test for issue 10: the CLI's numbers on tiny random models must not change in the redesign.
+
+The expected outputs under tests/data/regression/expected/<model>/ were recorded with the
+pre-redesign code (commit fc02f21) by running this file as a script (see
+tests/data/regression/README.md):
+
+    PYTHONPATH=/work/old python tests/test_regression.py --record
+
+The test rebuilds the tiny models with conftest's seeded `save_tiny_model` (byte-identical on every
+build), runs the SAME commands (COMMANDS below) through the console entry point
+(`sparse_circuits.cli.main` after the redesign, `circuits.cli.main` before it), and compares
+every output number to the recorded one.
+
+Tolerance: a number passes when it is within 1e-5 ABSOLUTE or within 1e-5 RELATIVE of the recorded
+value (`math.isclose(actual, expected, rel_tol=1e-5, abs_tol=1e-5)`); NaN matches only NaN, an
+empty CSV cell only an empty cell. Strings, ids, feature indices, column names, row order and the
+JSON structure (keys, list lengths) must match exactly, except for the EXCLUDED fields below,
+which are not compared because they are not results.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data" / "regression"
+EXPECTED = DATA / "expected"
+CORPUS = DATA / "corpus.jsonl"
+CONTEXTS = DATA / "contexts.txt"
+MODELS = ("llama", "gpt2")
+TOLERANCE = 1e-5
+THREADS = 1  # results were recorded on one torch thread (reductions can differ across thread counts)
+
+# Target feature of the trace runs, per model: an index of the blocks.3 dictionary that fires on contexts.txt.
+TRACE_FEATURE = {"llama": "blocks.3.hook_resid_post:49", "gpt2": "blocks.3.hook_resid_post:42"}
+
+# Fields that are not compared, and why. JSON keys, matched at any depth (the CSVs have none).
+EXCLUDED = {
+    "folder": "evaluate.json: absolute path of the dictionary folder (a temporary folder per run)",
+    "model": "trace graph 'graph.model': absolute path of the model folder (a temporary folder per run)",
+    "timings_s": "trace graph 'graph.timings_s': wall-clock seconds per phase",
+}
+
+# The outputs compared, per model (relative to the run's output folder).
+OUTPUTS = ("evaluate.json", "ioi/summary.csv", "ioi/curves.csv", "trace_attribution.json",
+           "trace_ablation.json", "erase/erasure.csv")
+
+
+def commands(model_folder: Path, saes: Path, out: Path, model: str) -> list[list[str]]:
+    """The recorded commands (argv after `sparse-circuits`), in order. `saes` is a scratch copy of
+    tests/data/regression/saes/<model> (evaluate writes eval.json into each dictionary folder)."""
+    m, c = str(model_folder), str(CORPUS)
+    common = ["--model", m, "--device", "cpu", "--corpus", c]
+    trace = [*common, "--saes", str(saes), "--feature", TRACE_FEATURE[model], "--depth", "2", "--top-k", "3",
+             "--contexts", str(CONTEXTS), "--scan-contexts", "12", "--context-size", "16", "--seed", "0"]
+    return [
+        ["evaluate", *common, "--sae", str(saes), "--tokens", "512", "--context-size", "16", "--batch-size", "8",
+         "--json", str(out / "evaluate.json")],
+        ["ioi", *common, "--sae", str(saes / "blocks.2.hook_resid_post"), "--prompts", "8", "--baselines",
+         "pca,random", "--baseline-tokens", "300", "--confirm-top", "4", "--prune-evals", "2", "--seed", "0",
+         "--out", str(out / "ioi")],
+        ["trace", *trace, "--method", "attribution", "--out", str(out / "trace_attribution.json")],
+        ["trace", *trace, "--method", "ablation", "--out", str(out / "trace_ablation.json")],
+        ["erase", *common, "--sae", str(saes), "--layers", "2", "--k", "1", "2", "--ce-tokens", "64",
+         "--context-size", "16", "--seed", "0", "--out", str(out / "erase")],
+    ]
+
+
+# The console command's entry point, newest first: the app package after the redesign, the old module before.
+ENTRY_POINTS = ("sparse_circuits.cli.main:main", "sparse_circuits.cli:main", "circuits.cli:main")
+
+
+def cli_main():
+    """The first entry point of ENTRY_POINTS that exists in the same source tree as the imported
+    `circuits` package (an editable install can expose `sparse_circuits` from another checkout,
+    which must not be mixed with this tree's `circuits`)."""
+    import importlib
+    import importlib.util
+    import types
+
+    import circuits
+
+    root = Path(circuits.__file__).resolve().parent.parent
+    for entry in ENTRY_POINTS:
+        module_name, attribute = entry.split(":")
+        try:
+            package = importlib.util.find_spec(module_name.split(".")[0])  # imports nothing
+            if package is None or not Path(package.origin).resolve().is_relative_to(root):
+                continue
+            spec = importlib.util.find_spec(module_name)
+        except ImportError:
+            continue
+        if spec is None:
+            continue
+        main = getattr(importlib.import_module(module_name), attribute, None)
+        if callable(main) and not isinstance(main, types.ModuleType):
+            return main
+    raise RuntimeError(f"no CLI entry point among {ENTRY_POINTS} in {root}")
+
+
+def run_cli(argv: list[str]) -> None:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        code = cli_main()(argv)
+    finally:
+        torch.set_num_threads(previous)
+    assert code in (0, None), f"`sparse-circuits {' '.join(argv)}` exited {code}"
+
+
+def run_all(model: str, model_folder: Path, work: Path) -> Path:
+    saes = work / "saes"
+    shutil.copytree(DATA / "saes" / model, saes)
+    out = work / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    for argv in commands(model_folder, saes, out, model):
+        run_cli(argv)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _close(actual: float, expected: float) -> bool:
+    if math.isnan(expected) or math.isnan(actual):
+        return math.isnan(expected) and math.isnan(actual)
+    return math.isclose(actual, expected, rel_tol=TOLERANCE, abs_tol=TOLERANCE)
+
+
+def compare_values(actual, expected, where: str, problems: list[str]) -> None:
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            problems.append(f"{where}: expected an object, got {type(actual).__name__}")
+            return
+        keys = {k for k in expected if k not in EXCLUDED}
+        got = {k for k in actual if k not in EXCLUDED}
+        if keys != got:
+            problems.append(f"{where}: keys differ: missing {sorted(keys - got)}, new {sorted(got - keys)}")
+        for key in sorted(keys & got):
+            compare_values(actual[key], expected[key], f"{where}.{key}", problems)
+    elif isinstance(expected, list):
+        if not isinstance(actual, list) or len(actual) != len(expected):
+            problems.append(f"{where}: expected a list of {len(expected)}, got "
+                            f"{len(actual) if isinstance(actual, list) else type(actual).__name__}")
+            return
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            compare_values(a, e, f"{where}[{index}]", problems)
+    elif _is_number(expected) and _is_number(actual):
+        if not _close(float(actual), float(expected)):
+            problems.append(f"{where}: {actual!r} != {expected!r}")
+    elif expected != actual:
+        problems.append(f"{where}: {actual!r} != {expected!r}")
+
+
+def _cell(text: str):
+    """A CSV cell as a number where it parses as one (so 1e-05 and 1.0e-5 agree), else the string."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{key: _cell(value) for key, value in row.items()} for row in rows]
+
+
+def compare_files(actual: Path, expected: Path) -> list[str]:
+    problems: list[str] = []
+    if expected.suffix == ".csv":
+        with open(actual, newline="") as a, open(expected, newline="") as e:
+            header_a, header_e = next(csv.reader(a)), next(csv.reader(e))
+        if header_a != header_e:
+            problems.append(f"columns differ: {header_a} != {header_e}")
+        compare_values(read_csv(actual), read_csv(expected), expected.name, problems)
+    else:
+        compare_values(json.loads(actual.read_text()), json.loads(expected.read_text()), expected.name, problems)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the test
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_llama_folder, tiny_gpt2_folder, tmp_path_factory) -> dict[str, Path]:
+    folders = {"llama": tiny_llama_folder, "gpt2": tiny_gpt2_folder}
+    return {model: run_all(model, folders[model], tmp_path_factory.mktemp(f"regression_{model}"))
+            for model in MODELS}
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+@pytest.mark.parametrize("model", MODELS)
+def test_outputs_match_the_pre_redesign_recording(outputs, model, name):
+    actual, expected = outputs[model] / name, EXPECTED / model / name
+    assert expected.exists(), f"no recording {expected}"
+    assert actual.exists(), f"the command did not write {name}"
+    problems = compare_files(actual, expected)
+    assert not problems, f"{model}/{name}: {len(problems)} differences, first 20:\n" + "\n".join(problems[:20])
+
+
+# ---------------------------------------------------------------------------------------------
+# recording (run with the pre-redesign code only)
+
+
+def record() -> None:
+    import tempfile
+
+    sys.path.insert(0, str(HERE))
+    from conftest import save_tiny_model  # the conftest next to this file (record from the old checkout)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for model in MODELS:
+            folder = save_tiny_model(tmp / f"tiny_{model}", model)
+            out = run_all(model, folder, tmp / f"work_{model}")
+            for name in OUTPUTS:
+                target = EXPECTED / model / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out / name, target)
+                print(f"recorded {target}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit("usage: python tests/test_regression.py --record   (pre-redesign code only)")
+    record()
