@@ -82,11 +82,11 @@ def main(argv=None) -> dict:
     attribution_runs = []  # a few seconds each, so the median of three shrugs off other load on the machine
     for _ in range(args.attribution_repeats):
         started = time.perf_counter()
-        attribution = run_upstream_trace(model, dictionaries, target, contexts, "attribution", **settings)
+        attribution = run_upstream_trace(model, dictionaries, target, contexts, method="attribution", **settings)
         attribution_runs.append((time.perf_counter() - started, attribution))
     attribution_seconds, attribution = sorted(attribution_runs, key=lambda run: run[0])[len(attribution_runs) // 2]
     started = time.perf_counter()
-    ablation = run_upstream_trace(model, dictionaries, target, contexts, "ablation", batch_size=args.batch_size,
+    ablation = run_upstream_trace(model, dictionaries, target, contexts, method="ablation", batch_size=args.batch_size,
                                   max_candidates=args.max_candidates, **settings)
     ablation_seconds = time.perf_counter() - started
     agreement = method_agreement(attribution.scores, ablation.scores, args.top_n)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from circuits import features
+from circuits.engine import passthrough_positions
 from circuits.graph import add_feature_node, set_target, validate_graph
 from sae.config import DictionaryConfig
+from sae.metrics import outlier_positions
 from sae.registry import build_dictionary
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
@@ -161,9 +163,9 @@ def test_outlier_positions_are_large_norms_against_the_rows_median():
     norms = torch.tensor([[100.0, 1.0, 1.0, 10.0, 1.2, 0.9, 50.0]])  # BOS, then one outlier, then padding
     activation = torch.zeros(1, 7, 4)
     activation[..., 0] = norms
-    assert features.outlier_positions(activation, 3.0, lengths=torch.tensor([6])).tolist() == [
+    assert outlier_positions(activation, 3.0, lengths=torch.tensor([6])).tolist() == [
         [False, False, False, True, False, False, False]]
-    assert not features.outlier_positions(activation, None).any()
+    assert not outlier_positions(activation, None).any()
 
 
 def test_the_scan_skips_outlier_positions(tiny_llama):
@@ -177,6 +179,9 @@ def test_the_scan_skips_outlier_positions(tiny_llama):
 
     with tiny_llama.hooks(fwd_hooks=[(HOOKS[0], amplify)]):
         skipping = features.scan_features(tiny_llama, dictionaries, tokens, progress=False)
-        keeping = features.scan_features(tiny_llama, dictionaries, tokens, outlier_factor=None, progress=False)
+        _, cache = tiny_llama.run_with_cache(tokens, names_filter=[HOOKS[0]])
+    assert passthrough_positions(cache[HOOKS[0]])[:, 3].all()  # above the engine's 10x rule
     assert not (skipping.max_position[HOOKS[0]] == 3).any()
-    assert (keeping.max_position[HOOKS[0]] == 3).float().mean() > 0.3  # 20x the norm wins wherever it fires
+    codes = dictionaries[HOOKS[0]].encode(cache[HOOKS[0]])[:, 1:]  # [n, pos - 1, f], BOS left out
+    keeping = codes.argmax(dim=1) + 1  # [n, f]: the position of each feature's maximum, as a scan would keep it
+    assert (keeping == 3).float().mean() > 0.3  # 20x the norm wins wherever it fires: skipping it mattered

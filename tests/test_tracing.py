@@ -12,6 +12,7 @@ import torch
 from circuits import tracing
 from circuits.features import scan_features
 from circuits.graph import load_graph_json, save_graph_json, target_node, validate_graph
+from circuits.hooks import layer_of_hook
 from sae.config import DictionaryConfig
 from sae.io import save_dictionary
 from sae.registry import build_dictionary
@@ -225,6 +226,24 @@ def test_direct_effects_change_nothing_without_attention_or_norm_paths(linear_mo
     assert direct.graph.graph["detached_hooks"] == ["blocks.3.attn.hook_pattern", "blocks.3.ln1.hook_scale",
                                                     "blocks.3.ln2.hook_scale"]
     torch.testing.assert_close(direct.scores[UPSTREAM[1]].effects, total.scores[UPSTREAM[1]].effects)
+
+
+def test_direct_effects_detach_every_attention_pattern_and_norm_scale_of_the_traced_blocks(tiny_model):
+    dictionaries = make_dictionaries(tiny_model, UPSTREAM + [TARGET_HOOK])
+    target = tracing.FeatureTarget(TARGET_HOOK, most_active_feature(tiny_model, dictionaries[TARGET_HOOK], TARGET_HOOK))
+    contexts = tracing.contexts_from_texts(tiny_model, TEXTS[:2], target)
+    direct = tracing.run_upstream_trace(tiny_model, dictionaries, target, contexts, depth=2, direct_effects=True,
+                                        progress=False)
+
+    def patterns_and_scales(blocks, final=False):
+        return {name for name in tiny_model.hook_dict if name.endswith(("hook_pattern", "hook_scale"))
+                and (layer_of_hook(name) in blocks or (final and layer_of_hook(name) is None))}
+
+    expected = patterns_and_scales({2, 3})  # blocks after the lowest traced hook (1), up to the target's (3)
+    assert set(direct.graph.graph["detached_hooks"]) == expected
+    assert {name.rsplit(".", 2)[-2] for name in expected} >= {"attn", "ln1", "ln2"}
+    with_final = tracing.direct_effect_hooks(tiny_model, 0, 3, include_final=True)
+    assert set(with_final) == patterns_and_scales({0, 1, 2, 3}, final=True) and "ln_final.hook_scale" in with_final
 
 
 def test_direct_effects_differ_from_total_effects_through_attention(tiny_llama, setup):

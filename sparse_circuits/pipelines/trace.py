@@ -73,7 +73,8 @@ def trace_feature(model, dictionaries, feature=None, corpus=None, texts: list[st
 def feature_request(feature, dictionaries) -> tuple[str, int | None]:
     """(hook, index, or None to pick one) from a FeatureTarget, "HOOK:INDEX", "HOOK:auto", "auto" or None
     (None and "auto": the deepest dictionary)."""
-    from circuits.tracing import FeatureTarget, hook_order, parse_feature
+    from circuits.hooks import hook_order
+    from circuits.tracing import FeatureTarget, parse_feature
 
     deepest = max(dictionaries, key=hook_order)
     if feature is None or feature == "auto":
@@ -134,8 +135,7 @@ def compare_methods(model, dictionaries, result, *, method: str, depth: int, top
 
     other = "ablation" if method == "attribution" else "attribution"
     again = run_upstream_trace(model, dictionaries, target_from_graph(result.graph), result.contexts, method=other,
-                               depth=depth, top_k_per_layer=top_k_per_layer, outlier_factor=None,
-                               max_candidates=max_candidates)
+                               depth=depth, top_k_per_layer=top_k_per_layer, max_candidates=max_candidates)
     runs = {method: result, other: again}
     lines = [f"\nattribution against ablation (Spearman on ablation's top {top_n} features per layer); "
              f"seconds: attribution {runs['attribution'].timings['total']:.1f}, "
