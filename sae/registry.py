@@ -16,6 +16,7 @@ ARCHITECTURES: dict[str, type[Dictionary]] = {}
 _BUILT_IN = {  # architecture name -> "module:class"
     "standard": "sae.relu:ReluSAE",
     "topk": "sae.topk:TopKSAE",
+    "jumprelu": "sae.jumprelu:JumpReLUSAE",
 }
 
 
