@@ -17,6 +17,7 @@ _BUILT_IN = {  # architecture name -> "module:class"
     "standard": "sae.relu:ReluSAE",
     "topk": "sae.topk:TopKSAE",
     "jumprelu": "sae.jumprelu:JumpReLUSAE",
+    "batchtopk": "sae.batchtopk:BatchTopKSAE",
 }
 
 
