@@ -4,11 +4,12 @@ Each copy of a library constant is checked against the library by tests/test_app
 """
 
 DEFAULT_MODEL = "smollm2-135m"  # = circuits.models.DEFAULT_MODEL
+REGISTRY_MODEL_NAMES = ("smollm2-135m", "gemma3-270m")  # = tuple(circuits.model_sources.REGISTRY_MODELS)
 DEFAULT_CORPUS = "registry"
 DEVICE_HELP = "cpu, cuda, cuda:1 ... ('auto': cuda if available, else cpu)"
 
-IOI_BASELINES = ("pca", "ica", "neurons", "random", "dense")  # = tasks.ioi_benchmark.BASELINE_NAMES
-IOI_KL_TARGET_FRACTION = 0.25  # = tasks.ioi_benchmark.SearchSettings().kl_target_fraction
+IOI_BASELINES = ("pca", "ica", "neurons", "random", "dense")  # = tasks.ioi.BASELINE_NAMES
+IOI_KL_TARGET_FRACTION = 0.25  # = tasks.ioi.SearchSettings().kl_target_fraction
 IOI_TRAIN_TOKENS = 100_000  # the ioi command's own SAE: tied ReLU, ratio 4; on SmolLM2 blocks.18 these settings
 IOI_TRAIN_L1 = 1e-3  # gave L0 188, FVU 0.22 (2e-3: L0 80, FVU 0.35, too lossy to reach the KL target; lr 1e-3: FVU ~0.5)
 IOI_TRAIN_LR = 3e-3

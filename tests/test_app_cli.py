@@ -52,13 +52,15 @@ def test_every_flag_has_help_and_shows_its_default():
 
 def test_defaults_match_the_library():
     """sparse_circuits.defaults copies library constants so that --help needs no torch; they must agree."""
+    from circuits.model_sources import REGISTRY_MODELS
     from circuits.models import DEFAULT_MODEL
     from sparse_circuits import defaults
-    from tasks import erasure, ioi_benchmark
+    from tasks import erasure, ioi
 
     assert defaults.DEFAULT_MODEL == DEFAULT_MODEL
-    assert defaults.IOI_BASELINES == tuple(ioi_benchmark.BASELINE_NAMES)
-    assert defaults.IOI_KL_TARGET_FRACTION == ioi_benchmark.SearchSettings().kl_target_fraction
+    assert defaults.REGISTRY_MODEL_NAMES == tuple(REGISTRY_MODELS)
+    assert defaults.IOI_BASELINES == tuple(ioi.BASELINE_NAMES)
+    assert defaults.IOI_KL_TARGET_FRACTION == ioi.SearchSettings().kl_target_fraction
     assert defaults.ERASE_METHODS == tuple(erasure.METHODS)
     assert defaults.ERASE_KS == tuple(erasure.DEFAULT_KS)
 

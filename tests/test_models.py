@@ -27,3 +27,16 @@ def test_unreachable_hub_name_names_the_default(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="smollm2-135m"):
         load_model("no-such-org/no-such-model-xyz")
+
+
+def test_folder_with_only_pickled_weights_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="never loaded"):
+        load_model(str(tmp_path))
+
+
+def test_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "model.gguf"))
+
