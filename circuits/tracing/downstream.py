@@ -41,17 +41,17 @@ def downstream_hooks(dictionaries: dict[str, Dictionary], source: FeatureTarget,
 
 
 def downstream_effects(model, dictionaries: dict[str, Dictionary], node: Node, contexts: TraceContexts,
-                       hooks: list[str], method: str) -> dict[str, torch.Tensor]:
+                       hooks: list[str], *, method: str) -> dict[str, torch.Tensor]:
     """{hook: [n_features]} the effect of removing `node` on every feature at `hooks` (value summed
     over the valid positions, mean over contexts): exact by ablation, or linearised (forward mode)."""
     stop = stop_layer(hooks, model.cfg.n_layers)
     if method == "ablation":
-        return _ablated_effects(model, dictionaries, node, contexts, hooks, stop)
-    return _linearised_effects(model, dictionaries, node, contexts, hooks, stop)
+        return _ablated_effects(model, dictionaries, node, contexts, hooks, stop=stop)
+    return _linearised_effects(model, dictionaries, node, contexts, hooks, stop=stop)
 
 
 @torch.no_grad()
-def _ablated_effects(model, dictionaries, node: Node, contexts: TraceContexts, hooks: list[str],
+def _ablated_effects(model, dictionaries, node: Node, contexts: TraceContexts, hooks: list[str], *,
                      stop: int | None) -> dict[str, torch.Tensor]:
     rows, valid = len(contexts), contexts.valid
     both = torch.cat([valid, valid])  # clean rows, then ablated rows: one batch
@@ -67,7 +67,7 @@ def _ablated_effects(model, dictionaries, node: Node, contexts: TraceContexts, h
 
 
 @torch.no_grad()
-def _linearised_effects(model, dictionaries, node: Node, contexts: TraceContexts, hooks: list[str],
+def _linearised_effects(model, dictionaries, node: Node, contexts: TraceContexts, hooks: list[str], *,
                         stop: int | None) -> dict[str, torch.Tensor]:
     dictionary, valid = dictionaries[node.hook], contexts.valid
 
@@ -107,7 +107,7 @@ def run_downstream_trace(model, dictionaries: dict[str, Dictionary], source: Fea
                         "measure": "mean over contexts of the activation summed over positions 1.."})
     circuit_graph.add_feature_node(graph, source.hook, layer_of_hook(source.hook), source.index,
                                    activation=float(clean.target.mean()), is_target=True)
-    total = downstream_effects(model, dictionaries, Node(source.hook, source.index), contexts, hooks, method)
+    total = downstream_effects(model, dictionaries, Node(source.hook, source.index), contexts, hooks, method=method)
     scores = {hook: LayerScores(hook, method, total[hook].float(), total[hook] != 0, 0.0) for hook in hooks}
     previous = [Node(source.hook, source.index)]
     for number, hook in enumerate(tqdm(hooks, desc="trace downstream", disable=not progress)):
@@ -118,7 +118,7 @@ def run_downstream_trace(model, dictionaries: dict[str, Dictionary], source: Fea
                                            effect_of_source=float(total[hook][node.index]))
         for upstream in previous:
             effects = total if number == 0 else downstream_effects(model, dictionaries, upstream, contexts, [hook],
-                                                                   method)
+                                                                   method=method)
             for node in kept:
                 effect = float(effects[hook][node.index])
                 if effect != 0:

@@ -63,12 +63,12 @@ def clean_run(model, dictionaries: dict[str, Dictionary], target: Target, contex
     record = list(dict.fromkeys(hooks + target_hooks(target)))
     stop = None if isinstance(target, LogitTarget) else stop_layer(record, model.cfg.n_layers)
     run = run_with_edits(model, contexts.tokens, record=record, stop_at_layer=stop)
-    return clean_from_activations(dictionaries, target, contexts, hooks, run.output, run.recorded)
+    return clean_from_activations(dictionaries, target, contexts, hooks, output=run.output, recorded=run.recorded)
 
 
 @torch.no_grad()
 def clean_from_activations(dictionaries: dict[str, Dictionary], target: Target, contexts: TraceContexts,
-                           hooks: list[str], output: torch.Tensor, recorded: dict[str, torch.Tensor]) -> CleanRun:
+                           hooks: list[str], *, output: torch.Tensor, recorded: dict[str, torch.Tensor]) -> CleanRun:
     """A CleanRun from the unedited run's output and activations ({hook: [n, pos, d]})."""
     recorded = {hook: activation.detach() for hook, activation in recorded.items()}
     contexts = protect_passthrough(contexts, recorded.values())
@@ -189,7 +189,8 @@ class GradientScorer:
             self.leaves = run.leaves
             self.spliced = {hook: run.recorded[hook] for hook in hooks}  # activation + leaf, in the autograd graph
             # The forward's values are the clean run's (the leaves are zero, detaching changes no value).
-            self.clean = clean_from_activations(dictionaries, target, contexts, hooks, run.output, run.recorded)
+            self.clean = clean_from_activations(dictionaries, target, contexts, hooks, output=run.output,
+                                                recorded=run.recorded)
             self.contexts = self.clean.contexts
             self.valid = self.contexts.valid.to(run.output.device)
             self.target_value = target_values(target, dictionaries, run.output, run.recorded,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import networkx as nx
 import torch
@@ -109,7 +110,8 @@ def run_upstream_trace(model, dictionaries: dict[str, Dictionary], target: Targe
         clean = scorer.clean
         timings["forward with leaves"] = time.perf_counter() - started
     contexts = clean.contexts
-    graph = _new_graph(model, target, clean, method, hooks, top_k_per_layer, direct_effects)
+    graph = _new_graph(model, target, clean, method=method, hooks=hooks, top_k=top_k_per_layer,
+                       direct_effects=direct_effects)
     above: list[Node] = []
     scores: dict[str, LayerScores] = {}
     for hook in hooks:
@@ -118,7 +120,8 @@ def run_upstream_trace(model, dictionaries: dict[str, Dictionary], target: Targe
         timings[f"scores at {hook}"] = time.perf_counter() - phase
         scores[hook] = target_scores
         kept = [Node(hook, index) for index in top_features(target_scores, top_k_per_layer)]
-        _add_layer(graph, hook, kept, above, target_scores, node_scores, clean, method, include_error)
+        _add_layer(graph, hook, LayerResult(kept, target_scores, node_scores), above=above, clean=clean, method=method,
+                   include_error=include_error)
         above = kept
     if getattr(scorer, "detached", None):
         graph.graph["detached_hooks"] = list(scorer.detached)
@@ -138,7 +141,7 @@ def trace_upstream(model, dictionaries: dict[str, Dictionary], target: Target, c
     return run_upstream_trace(model, dictionaries, target, contexts, **options).graph
 
 
-def _new_graph(model, target: Target, clean: CleanRun, method: str, hooks: list[str], top_k: int,
+def _new_graph(model, target: Target, clean: CleanRun, *, method: str, hooks: list[str], top_k: int,
                direct_effects: bool) -> nx.DiGraph:
     contexts = clean.contexts
     graph = nx.DiGraph()
@@ -161,10 +164,19 @@ def _new_graph(model, target: Target, clean: CleanRun, method: str, hooks: list[
     return graph
 
 
-def _add_layer(graph: nx.DiGraph, hook: str, kept: list[Node], above: list[Node], target_scores: LayerScores,
-               node_scores: dict[Node, LayerScores], clean: CleanRun, method: str, include_error: bool) -> None:
+class LayerResult(NamedTuple):
+    """One traced layer: the features kept, every feature's effect on the target and on the nodes above."""
+
+    kept: list[Node]
+    target_scores: LayerScores
+    node_scores: dict[Node, LayerScores]
+
+
+def _add_layer(graph: nx.DiGraph, hook: str, layer_result: LayerResult, *, above: list[Node], clean: CleanRun,
+               method: str, include_error: bool) -> None:
     """Add the kept features (and error) of one layer, with edges to the nodes kept one layer up
     (the target itself for the first layer)."""
+    kept, target_scores, node_scores = layer_result
     layer = layer_of_hook(hook)
     values = clean.node_values[hook]
     sources = {}
