@@ -128,3 +128,54 @@ def test_jumprelu_round_trip_in_saelens_layout(tmp_path):
     x = torch.randn(20, D_IN)
     with torch.no_grad():
         assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x)[0], sae(x)[0])
+
+
+# --- BatchTopK -----------------------------------------------------------------------------------
+
+
+def test_batchtopk_keeps_k_per_token_on_average_over_the_batch():
+    from sae.batchtopk import batch_topk
+
+    pre = torch.randn(10, D_SAE)
+    codes = batch_topk(pre, 3)
+    assert int((codes != 0).sum()) == 30 and len(set((codes != 0).sum(dim=1).tolist())) > 1  # uneven per token
+    kept = codes[codes != 0]
+    assert kept.min() >= torch.relu(pre).flatten().topk(30).values.min()
+    assert torch.equal(codes[codes != 0], pre[codes != 0])
+
+
+def test_batchtopk_encodes_with_its_threshold_and_folds_the_scale():
+    sae = randomise(build_dictionary(config("batchtopk", k=4)))
+    sae.threshold.fill_(0.3)
+    x = torch.randn(30, D_IN) * 2
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        torch.testing.assert_close(sae.encode(x), torch.where(pre > 0.3, pre, torch.zeros_like(pre)))
+        folded = randomise(build_dictionary(config("batchtopk", k=4)))
+        folded.threshold.fill_(0.3)
+        folded.fold_input_scale_(4.0)
+        assert folded.threshold.item() == pytest.approx(1.2)
+        assert torch.equal(folded.encode(x * 4.0), sae.encode(x) * 4.0)
+
+
+def test_batchtopk_trains_to_mean_l0_k_and_saves_as_jumprelu(tmp_path):
+    x, results = train(tmp_path, [config("batchtopk", k=4)], log_every=25)
+    result = results[0]
+    log = pd.read_csv(result.folder / "training_log.csv")
+    assert log["loss"].iloc[-1] < 0.5 * log["loss"].iloc[0]
+    assert (log["l0"] == 4.0).all()  # training: exactly k x batch codes per batch
+    assert result.dictionary.threshold.item() > 0
+    cfg = json.loads((result.folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["training_architecture"] == "batchtopk"
+    loaded = load_dictionary(result.folder)
+    assert type(loaded).__name__ == "JumpReLUSAE"
+    assert torch.equal(loaded.threshold, torch.full((D_SAE,), result.dictionary.threshold.item()))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), result.dictionary.encode(x))
+        assert torch.equal(loaded(x)[0], result.dictionary(x)[0])
+    metrics = activation_metrics(loaded, [x])  # inference with the learned threshold: L0 close to k
+    assert 3.0 < metrics["l0"] < 5.0 and metrics["fvu"] < 0.3, metrics  # untrained: fvu ~1
+
+
+def test_batchtopk_resume_is_exact(tmp_path):
+    assert_resume_is_exact(tmp_path, [config("batchtopk", k=4), config("topk", k=4)])
