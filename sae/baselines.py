@@ -65,7 +65,7 @@ def _mean_and_covariance(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean, covariance / rows.shape[0]
 
 
-def signed_dictionary(directions: torch.Tensor, encoder: torch.Tensor, mean: torch.Tensor, method: str,
+def signed_dictionary(directions: torch.Tensor, encoder: torch.Tensor, mean: torch.Tensor, method: str, *,
                       hook_name: str = "", model_name: str = "", seed: int = 0, **extra) -> ReluSAE:
     """The signed ReluSAE of a basis: directions P [m, d_in], encoder E [d_in, m], offset mean [d_in]."""
     m, d_in = directions.shape
@@ -191,7 +191,7 @@ BASELINES: dict[str, Callable[..., ReluSAE]] = {
 }
 
 
-def fit_baseline(name: str, activations: torch.Tensor, seed: int = 0, hook_name: str = "", model_name: str = "",
+def fit_baseline(name: str, activations: torch.Tensor, seed: int = 0, *, hook_name: str = "", model_name: str = "",
                  n_components: int | None = None) -> ReluSAE:
     """Fit the baseline `name` ("pca", "ica", "neurons", "random") to activations [n, d_in]."""
     if name not in BASELINES:

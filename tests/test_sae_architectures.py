@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sae.config import DictionaryConfig
-from sae.metrics import FeatureFrequency, activation_metrics, fvu, l0
+from sae.dictionary import Dictionary, SparseAutoencoder, TrainingLoss
+from sae.metrics import FeatureFrequency, ReconstructionTotals, activation_metrics, fvu, l0
 from sae.registry import ARCHITECTURES, build_dictionary, register_architecture
 from sae.relu import ReluSAE
 from sae.topk import TopKSAE
@@ -167,3 +168,60 @@ def test_activation_metrics_are_exact_over_uneven_batches():
     assert metrics["dense_fraction"] == pytest.approx(dense)
     with pytest.raises(ValueError, match="width 3"):
         activation_metrics(sae, [torch.randn(4, 3)])
+
+
+def test_reconstruction_totals_leave_massive_activations_out_of_fvu_and_l0():
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randn(40, D_IN, generator=generator), torch.randn(30, D_IN, generator=generator) + 1.0
+    second[3] *= 500.0  # a massive activation: norm far above 10x the median of its batch
+    error = [torch.randn(40, D_IN, generator=generator) * 0.1, torch.randn(30, D_IN, generator=generator) * 0.1]
+    error[1][3] += 50.0  # badly reconstructed, as massive activations are
+    codes = [torch.zeros(40, 6), torch.zeros(30, 6)]
+    codes[0][:, 0], codes[1][:, 1], codes[1][3, 2:] = 1.0, 2.0, 1.0  # feature 5 fires only on the outlier
+    totals = ReconstructionTotals(D_IN, 6, dense_threshold=0.5)
+    for x, e, c in zip((first, second), error, codes):
+        totals.update(x, x + e, c)
+    summary = totals.summary()
+    typical = torch.ones(70, dtype=torch.bool)
+    typical[43] = False
+    x_all, e_all, c_all = torch.cat([first, second]), torch.cat(error), torch.cat(codes)
+    assert summary["fvu"] == pytest.approx(fvu(x_all[typical], (x_all + e_all)[typical]).item(), rel=1e-5)
+    assert summary["fvu_all_tokens"] == pytest.approx(fvu(x_all, x_all + e_all).item(), rel=1e-5)
+    assert summary["fvu_all_tokens"] != pytest.approx(summary["fvu"], rel=0.05)  # the outlier counts there
+    assert summary["l0"] == pytest.approx(1.0) and summary["outlier_fraction"] == pytest.approx(1 / 70)
+    assert summary["mse"] == pytest.approx(e_all[typical].pow(2).mean().item(), rel=1e-5)
+    assert summary["dead_fraction"] == 0.0  # counted over every token: feature 5 fired on the outlier
+    assert summary["dense_fraction"] == pytest.approx(1 / 6)  # feature 0: 40 of 70 tokens
+
+
+def test_dictionary_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        Dictionary(config())
+    with pytest.raises(TypeError, match="abstract"):
+        SparseAutoencoder(config())
+
+
+def test_a_registered_architecture_trains_with_no_change_to_the_loop(tmp_path):
+    """The loop asks the SAE for its loss: a new architecture is its file and its registration."""
+    from sae.batches import TensorBatchSource
+    from sae.io import load_dictionary
+    from sae.training import TrainingConfig, train_dictionaries
+
+    @register_architecture("test_squared_relu")
+    class SquaredRelu(SparseAutoencoder):
+        def activation(self, pre):
+            return torch.relu(pre).pow(2)
+
+        def training_loss(self, x, state):
+            codes = self.activation(self.pre_activations(x))
+            residual, mse = self.reconstruction_terms(x, codes)
+            return TrainingLoss(mse + 1e-3 * state.sparsity_ramp * codes.sum(dim=-1).mean(), mse, codes, residual)
+
+    try:
+        x = torch.randn(2048, D_IN) @ torch.randn(D_IN, D_IN)
+        training = TrainingConfig(total_tokens=100 * 128, batch_size=128, lr=3e-3, log_every=50, checkpoint_every=None)
+        cfg = config(architecture="test_squared_relu", hook_name="blocks.1.hook_resid_post")
+        result = train_dictionaries(TensorBatchSource({cfg.hook_name: x}), [cfg], training, tmp_path, progress=False)[0]
+        assert result.metrics["fvu"] < 0.5 and type(load_dictionary(result.folder)) is SquaredRelu
+    finally:
+        ARCHITECTURES.pop("test_squared_relu")
