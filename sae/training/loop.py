@@ -20,7 +20,7 @@ all the others in the loss: in one measured run (blocks.12, 800k tokens, alpha 3
 gave L0 58 / FVU 0.60 on held-out typical tokens, leaving them out L0 30 / FVU 0.42. By default
 (`exclude_outliers`) each batch drops its tokens whose norm exceeds 10x the batch median
 (sae.metrics.typical_token_mask) before the step; a spliced dictionary passes such positions
-through unedited, as it does BOS (circuits/splicing.py).
+through unedited, as it does BOS (circuits.engine.passthrough_positions).
 
 Checkpoints (sae/training/checkpoints.py) make a resumed run equal bit for bit to an uninterrupted one.
 """
