@@ -69,7 +69,7 @@ def evaluate_dictionaries(model, dictionaries: list[Dictionary], contexts: torch
             massive = exclude_outliers and bool((passthrough_positions(x, exclude_bos=False)).any())
             replaced = run(reconstruct, pass_massive=False) if massive else spliced
             sum_["ce_replaced"] += cross_entropy(replaced, tokens, start).item()
-    return [_result(dictionary, total.summary(), sum_, ce_clean / predicted, predicted)
+    return [_result(dictionary, {"tokens": total.all.tokens, **total.summary()}, sum_, ce_clean / predicted, predicted)
             for dictionary, total, sum_ in zip(dictionaries, totals, sums)]
 
 
@@ -78,6 +78,7 @@ def _result(dictionary: Dictionary, activation_metrics: dict, sums: dict, clean:
     return {
         "hook": dictionary.cfg.hook_name,
         "n_features": dictionary.n_features,
+        "tokens": activation_metrics.pop("tokens"),
         **activation_metrics,
         "ce_loss_clean": clean,
         "ce_loss_spliced": spliced,

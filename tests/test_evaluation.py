@@ -49,37 +49,40 @@ def test_bos_position_is_left_alone_by_default(tiny_llama):
             seen.append(x.shape)
             return super().forward(x)
 
-    evaluate_dictionaries(tiny_llama, [Recorder(cfg)], _contexts(n=2, ctx=7), batch_size=2, progress=False)
+    [result] = evaluate_dictionaries(tiny_llama, [Recorder(cfg)], _contexts(n=2, ctx=7), batch_size=2, progress=False)
     assert seen[0] == (2 * 6, tiny_llama.cfg.d_model)  # activation metrics: BOS rows excluded
-    assert seen[1][1] == 6  # the spliced run replaces positions 1.. only
+    assert result["tokens"] == 2 * 6
 
 
 def test_massive_activation_outliers_do_not_dominate_fvu():
     """A few huge-norm tokens (attention sinks) would otherwise hold nearly all the variance."""
-    from circuits.evaluation import _Sums
+    from sae.metrics import ReconstructionTotals
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 16, generator=generator)
     x[7] *= 2000.0  # one massive activation, reconstructed perfectly
     reconstruction = x + 0.5 * torch.randn(1000, 16, generator=generator)
     reconstruction[7] = x[7]
-    sums = _Sums()
-    sums.add_activations(x, reconstruction, codes=torch.ones(1000, 4))
+    totals = ReconstructionTotals(16, 4)
+    totals.update(x, reconstruction, codes=torch.ones(1000, 4))
+    summary = totals.summary()
     typical = torch.ones(1000, dtype=torch.bool)
     typical[7] = False
     expected = ((reconstruction - x)[typical] ** 2).sum() / ((x[typical] - x[typical].mean(0)) ** 2).sum()
-    assert sums.fvu() == pytest.approx(expected.item(), rel=1e-6)
-    assert sums.fvu() > 0.2 and sums.fvu_all_tokens() < 0.01  # all-token FVU hides the error
-    assert sums.tokens == 999 and sums.all_tokens == 1000
+    assert summary["fvu"] == pytest.approx(expected.item(), rel=1e-6)
+    assert summary["fvu"] > 0.2 and summary["fvu_all_tokens"] < 0.01  # all-token FVU hides the error
+    assert summary["outlier_fraction"] == pytest.approx(1 / 1000)
 
 
-def test_replacement_hook_keeps_the_protected_positions():
-    from circuits.evaluation import replacement_hook
 
-    activation = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
-    keep = torch.zeros(2, 4, dtype=torch.bool)
-    keep[1, 2] = True
-    edited = replacement_hook(torch.zeros_like, 1, keep)(activation)
-    assert torch.equal(edited[:, 0], activation[:, 0])
-    assert torch.equal(edited[1, 2], activation[1, 2])
-    assert (edited[0, 1:] == 0).all() and (edited[1, 1] == 0).all() and (edited[1, 3] == 0).all()
+def test_zero_ablation_keeps_bos_and_massive_positions(tiny_llama):
+    """The engine edit evaluation uses: BOS and massive positions keep their activation, the rest is replaced."""
+    from circuits.engine import ActivationMap
+
+    activation = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    activation[1, 2] *= 500.0  # a massive activation
+    edited = ActivationMap(torch.zeros_like)(activation)
+    assert torch.equal(edited[:, 0], activation[:, 0]) and torch.equal(edited[1, 2], activation[1, 2])
+    assert (edited[0, 1:] == 0).all() and (edited[1, 1] == 0).all() and (edited[1, 3:] == 0).all()
+    everywhere = ActivationMap(torch.zeros_like, pass_massive=False)(activation)
+    assert (everywhere[1, 1:] == 0).all()
