@@ -117,6 +117,7 @@ def convert_gguf(gguf_path: Path, folder: Path, name_or_path: str, source: dict,
     gguf_dir, gguf_name = str(gguf_path.parent), gguf_path.name
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
+    restore_gguf_bar = _silence_gguf_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
@@ -140,9 +141,30 @@ def convert_gguf(gguf_path: Path, folder: Path, name_or_path: str, source: dict,
         raise AssetError(f"could not convert {gguf_path} ({type(error).__name__}: {error}); transformers reads "
                          "GGUF files of the architectures it supports, with the `gguf` package installed") from error
     finally:
+        restore_gguf_bar()
         if bars:
             transformers_logging.enable_progress_bar()
     return folder
+
+
+def _silence_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar (not governed by its logging switch): silence it
+    while we convert (we print one line instead); returns the function that restores it."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return lambda: None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        return lambda: None
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+
+    def restore() -> None:
+        gguf_utils.tqdm = original
+
+    return restore
 
 
 def cached_gguf_folder(gguf_path: Path, progress: bool = True) -> Path:
