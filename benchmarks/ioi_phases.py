@@ -4,7 +4,7 @@ Phases: loading the model and the SAE, the baselines (activations, then each fit
 and counterfactual runs, then summed over dictionaries: encoding, attribution (one forward + backward),
 the threshold sweep, bisection + ACDC pruning, confirmation by exact patching; and writing the outputs.
 Then one batch of exact evaluations is timed three ways on `--speed-prompts` prompts: our replay of the
-blocks after the hook (circuits/patching.py), a full forward with a replacing hook, and the bridge's
+blocks after the hook (circuits/engine/replay.py), a full forward with a replacing hook, and the bridge's
 `start_at_layer` (also checked against the full forward's logits).
 
     python benchmarks/ioi_phases.py --sae /tmp/saes/blocks.18.hook_resid_post --threads 2 --json ioi_phases.json
@@ -31,12 +31,13 @@ def _timed(phases: dict, name: str, function):
 
 def replay_speed(model, hook: str, n_prompts: int, n_sets: int, seed: int) -> dict:
     """Seconds for one exact evaluation of `n_sets` edited runs: replay, full forward + hook, start_at_layer."""
-    from circuits.patching import CachedRun, resume_block
-    from tasks.ioi_data import generate_ioi_prompts, tokenize_ioi
+    from circuits.engine import CachedRun
+    from circuits.hooks import resume_block
+    from tasks.ioi import generate_ioi_prompts, tokenize_ioi
 
     batch = tokenize_ioi(model, generate_ioi_prompts(model.tokenizer, n_prompts, seed=seed))
     run = CachedRun(model, hook, batch.clean_tokens, batch.final_positions, batch.counterfactual_tokens)
-    timings, start_block = {}, resume_block(hook, model.cfg.n_layers)
+    timings, start_block = {}, resume_block(hook)
     exact = {}
     with torch.no_grad():
         for mode in ("resume", "hooks"):
@@ -82,8 +83,8 @@ def main() -> None:
     from sae.corpus import load_corpus
     from sae.io import load_dictionary
     from sparse_circuits.pipelines.ioi import cached_sae_folder, default_hook
-    from tasks.ioi_benchmark import (SearchSettings, activations_for_baselines, activations_from_store,
-                                     build_baselines, run_ioi_benchmark)
+    from tasks.ioi import (BaselineSettings, SearchSettings, activations_for_baselines, activations_from_store,
+                           build_baselines, run_ioi_benchmark)
 
     phases: dict[str, float] = {}
     started = time.perf_counter()
@@ -106,8 +107,8 @@ def main() -> None:
     dictionaries = {"sae": sae}
     for name in names:
         fitted = _timed(phases, f"baselines: fit {name}", lambda: build_baselines(
-            model, hook, [name], args.baseline_tokens, None, seed=args.seed, ratio=sae.n_features // sae.d_in,
-            tied=sae.cfg.tied, activations=activations, progress=False))
+            model, hook, [name], args.baseline_tokens, None, seed=args.seed, activations=activations,
+            settings=BaselineSettings(ratio=sae.n_features // sae.d_in, tied=sae.cfg.tied), progress=False))
         dictionaries.update(fitted)
     out = args.out or Path(tempfile.mkdtemp(prefix="ioi_phases_"))
     benchmark_start = time.perf_counter()
@@ -138,7 +139,7 @@ def main() -> None:
              f"(max logit error {speed['start_at_layer_max_abs_logit_error']:.1e})"
              if "start_at_layer_seconds" in speed else ""))
     print(f"\nsummary ({out}):")
-    from tasks.ioi_benchmark import format_summary
+    from tasks.ioi import format_summary
 
     print(format_summary(result.summary))
     if args.json:

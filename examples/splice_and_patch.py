@@ -22,7 +22,7 @@ from circuits.metrics import KLTo, LogitDifference
 from circuits.engine import splice_dictionaries
 from sae.assets import cache_dir
 from sae.io import load_dictionary
-from tasks.ioi_data import generate_ioi_prompts, tokenize_ioi
+from tasks.ioi import generate_ioi_prompts, tokenize_ioi
 
 
 def main() -> None:

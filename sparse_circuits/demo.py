@@ -94,7 +94,7 @@ def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
 
 
 def _ioi_step(model, sae, hook: str, corpus, out: Path) -> dict[str, str]:
-    from tasks.ioi_benchmark import build_baselines, run_ioi_benchmark
+    from tasks.ioi import build_baselines, run_ioi_benchmark
 
     _banner(4, 6, f"IOI feature patching at {hook}: SAE vs {', '.join(DEMO_IOI_BASELINES)} "
                   f"on {DEMO_IOI_PROMPTS} prompts")

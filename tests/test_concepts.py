@@ -14,7 +14,7 @@ from tasks.concepts import (
     target_token_ids,
     validate_concept,
 )
-from tasks.ioi_data import single_token_id
+from tasks.ioi.data import single_token_id
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ import torch
 
 from circuits.harvest import collect_activations, harvest_activations
 from sae.io import save_dictionary
-from tasks.ioi_benchmark import (
+from tasks.ioi import (
     CURVE_COLUMNS,
+    BaselineSettings,
+    IOIDataError,
     SearchSettings,
     area_under_curve,
     build_baselines,
@@ -21,7 +23,6 @@ from tasks.ioi_benchmark import (
     prefix_sizes,
     run_ioi_benchmark,
 )
-from tasks.ioi_data import IOIDataError
 from test_splicing import random_sae
 
 HOOK = "blocks.2.hook_resid_post"
@@ -58,7 +59,7 @@ def test_area_under_curve_and_envelope():
 
 def test_benchmark_writes_curves_summary_and_plot(tiny_llama, llama_activations, tmp_path):
     baselines = build_baselines(tiny_llama, HOOK, ["pca", "neurons", "dense"], 0, None,
-                                activations=llama_activations, dense_epochs=1, progress=False)
+                                activations=llama_activations, settings=BaselineSettings(dense_epochs=1), progress=False)
     dictionaries = {"sae": random_sae(hook=HOOK), **baselines}
     result = run_ioi_benchmark(tiny_llama, dictionaries, HOOK, 8, tmp_path, settings=FAST, progress=False)
     curves = pd.read_csv(tmp_path / "curves.csv")
@@ -148,7 +149,7 @@ def test_cli_runs_with_an_sae_folder_and_reuses_its_activations(tiny_llama_folde
 def test_real_model_splicing_is_exact_and_the_benchmark_runs(real_model, tmp_path):
     from circuits.engine import splice_dictionaries
     from sae.baselines import fit_pca
-    from tasks.ioi_data import generate_ioi_prompts, tokenize_ioi
+    from tasks.ioi import generate_ioi_prompts, tokenize_ioi
 
     hook = "blocks.18.hook_resid_post"
     batch = tokenize_ioi(real_model, generate_ioi_prompts(real_model.tokenizer, 6, seed=1))

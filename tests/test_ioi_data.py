@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.ioi_data import (
+from tasks.ioi.data import (
     IOIDataError,
     TEMPLATES,
     generate_ioi_prompts,

@@ -54,7 +54,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 def run(args) -> None:
     from circuits.models import load_model
     from sparse_circuits.pipelines.ioi import IOIRequest, check_baseline_names, run_ioi
-    from tasks.ioi_benchmark import SearchSettings
+    from tasks.ioi import SearchSettings
 
     baselines = [] if args.baselines.strip().lower() in ("", "none") else [
         name.strip() for name in args.baselines.split(",") if name.strip()]

@@ -20,9 +20,8 @@ from sae.io import find_dictionary_folders, load_dictionary, read_dictionary_con
 from sparse_circuits.defaults import (IOI_BASELINES, IOI_TRAIN_EPOCHS, IOI_TRAIN_L1, IOI_TRAIN_LR,
                                       IOI_TRAIN_TOKENS)
 from sparse_circuits.pipelines.train import TrainRequest, train_on_model
-from tasks.ioi_benchmark import (BASELINE_NAMES, SearchSettings, activations_from_store, build_baselines,
-                                 run_ioi_benchmark)
-from tasks.ioi_data import generate_ioi_prompts
+from tasks.ioi import (BASELINE_NAMES, BaselineSettings, SearchSettings, activations_from_store, build_baselines,
+                       generate_ioi_prompts, run_ioi_benchmark)
 
 
 @dataclass
@@ -114,8 +113,9 @@ def cached_baselines(model, hook: str, names: list[str], *, sae, tokens: int, se
     if missing:
         activations = activations_from_store(store, hook, tokens) if store is not None else None
         text = load_corpus(corpus) if activations is None else None
-        fresh = build_baselines(model, hook, missing, tokens, text, seed=seed, ratio=settings["ratio"],
-                                tied=settings["tied"], activations=activations, out_dir=folder / "dense_training")
+        fresh = build_baselines(model, hook, missing, tokens, text, seed=seed,
+                                settings=BaselineSettings(ratio=settings["ratio"], tied=settings["tied"]),
+                                activations=activations, out_dir=folder / "dense_training")
         for name, dictionary in fresh.items():
             save_dictionary(dictionary, folder / name)
         atomic_write_text(manifest, json.dumps(settings, indent=2) + "\n")

@@ -22,6 +22,9 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from circuits.engine import final_logits
+from circuits.metrics import logit_difference
+
 ORDERS = ("ABBA", "BABA")
 NAME_PLACEHOLDERS = ("A", "B", "S")
 PLACEHOLDERS = frozenset(NAME_PLACEHOLDERS + ("PLACE", "OBJECT"))
@@ -322,18 +325,9 @@ def tokenize_ioi(model_or_tokenizer, prompts: Sequence[IOIPrompt], prepend_bos: 
 # Metrics
 
 
-def logits_at(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """logits [n, pos, vocab] at one position per row -> [n, vocab]."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, positions.to(logits.device)]
-
-
-def io_logit_diff(final_logits: torch.Tensor, batch: IOIBatch) -> torch.Tensor:
+def io_logit_diff(logits: torch.Tensor, batch: IOIBatch) -> torch.Tensor:
     """logit[IO] - logit[S] per prompt, from final-position logits [n, vocab] -> [n]."""
-    rows = torch.arange(final_logits.shape[0], device=final_logits.device)
-    io = final_logits[rows, batch.io_tokens.to(final_logits.device)]
-    s = final_logits[rows, batch.s_tokens.to(final_logits.device)]
-    return io - s
+    return logit_difference(logits, batch.io_tokens, batch.s_tokens)
 
 
 def _device_of(model) -> torch.device:
@@ -352,7 +346,7 @@ def final_position_logits(model, tokens: torch.Tensor, final_positions: torch.Te
     starts = range(0, tokens.shape[0], batch_size)
     for start in tqdm(starts, desc="forward", disable=not progress):
         logits = model(tokens[start : start + batch_size].to(device))  # [chunk, pos, vocab]
-        chunks.append(logits_at(logits, final_positions[start : start + batch_size]).float().cpu())
+        chunks.append(final_logits(logits, final_positions[start : start + batch_size]).float().cpu())
     return torch.cat(chunks)
 
 
@@ -362,9 +356,9 @@ def ioi_performance(model, batch: IOIBatch, batch_size: int = 32, progress: bool
     accuracy: fraction with logit[IO] > logit[S]; top1_accuracy: fraction whose top token is IO;
     mean_logit_diff: mean of logit[IO] - logit[S]; also accuracy per order (ABBA, BABA).
     """
-    final_logits = final_position_logits(model, batch.clean_tokens, batch.final_positions, batch_size, progress)
-    diffs = io_logit_diff(final_logits, batch)
-    top1 = final_logits.argmax(dim=-1) == batch.io_tokens
+    logits = final_position_logits(model, batch.clean_tokens, batch.final_positions, batch_size, progress)
+    diffs = io_logit_diff(logits, batch)
+    top1 = logits.argmax(dim=-1) == batch.io_tokens
     result = {
         "n_prompts": float(len(batch)),
         "accuracy": (diffs > 0).float().mean().item(),
