@@ -216,13 +216,17 @@ def _token_consistency(scan: FeatureScan, hook: str, index: int, tokenizer, n_ex
 
 def final_norm_linear(model, direction: torch.Tensor) -> torch.Tensor:
     """`direction` [..., d_model] through the final norm's linear part: centering (LayerNorm only)
-    and the elementwise weight; the per-token scale 1/rms is left out."""
+    and the elementwise weight, as the bridge reports the norm (Gemma's RMSNorm multiplies by
+    1 + weight: `cfg.rmsnorm_uses_offset`); the per-token scale 1/rms is left out."""
     normalization = str(getattr(model.cfg, "normalization_type", "") or "")
     if normalization.startswith("LN"):
         direction = direction - direction.mean(dim=-1, keepdim=True)
     weight = getattr(model.ln_final, "weight", None) if hasattr(model, "ln_final") else None
     if isinstance(weight, torch.Tensor) and not normalization.endswith("Pre"):
-        direction = direction * weight.detach().to(direction)
+        weight = weight.detach().to(direction)
+        if getattr(model.cfg, "rmsnorm_uses_offset", False):
+            weight = 1.0 + weight
+        direction = direction * weight
     return direction
 
 
