@@ -167,7 +167,7 @@ def check_template(template: str) -> None:
         )
 
 
-def fill_template(template: str, order: str, io: str, s: str, place: str, obj: str) -> str:
+def fill_template(template: str, order: str, *, io: str, s: str, place: str, obj: str) -> str:
     """ABBA puts the IO first ({A}=IO, {B}=S); BABA puts the subject first."""
     if order not in ORDERS:
         raise IOIDataError(f"order must be one of {ORDERS}, got {order!r}")
@@ -182,6 +182,7 @@ def fill_template(template: str, order: str, io: str, s: str, place: str, obj: s
 def generate_ioi_prompts(
     tokenizer,
     n: int,
+    *,
     seed: int = 0,
     templates: Sequence[str] | None = None,
     names: Iterable[str] | None = None,
@@ -213,8 +214,8 @@ def generate_ioi_prompts(
         place, obj = rng.choice(places), rng.choice(objects)
         template = templates[template_id]
         prompts.append(IOIPrompt(
-            text=fill_template(template, order, io, s, place, obj),
-            counterfactual_text=fill_template(template, order, cf, s, place, obj),
+            text=fill_template(template, order, io=io, s=s, place=place, obj=obj),
+            counterfactual_text=fill_template(template, order, io=cf, s=s, place=place, obj=obj),
             io_name=io, s_name=s, cf_name=cf, template_id=template_id, order=order,
         ))
     for prompt in prompts:
