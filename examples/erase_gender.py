@@ -14,8 +14,7 @@ from pathlib import Path
 from circuits.models import load_model
 from sae.assets import cache_dir
 from sae.io import load_dictionary
-from tasks.concepts import gender_concept
-from tasks.erasure import run_erasure
+from tasks.erasure import gender_concept, run_erasure
 
 
 def main() -> None:

@@ -125,8 +125,7 @@ def _trace_step(model, dictionaries: dict, corpus, out: Path) -> dict[str, str]:
 
 
 def _erase_step(model, dictionaries: dict, out: Path) -> dict[str, str]:
-    from tasks.concepts import gender_concept
-    from tasks.erasure import run_erasure
+    from tasks.erasure import gender_concept, run_erasure
 
     _banner(6, 6, "erasing the gender concept: SAE features vs LEACE vs mean projections")
     if (out / "erasure.csv").exists():

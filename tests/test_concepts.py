@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import WORDS, build_word_tokenizer
-from tasks.concepts import (
+from tasks.erasure import (
+    PRONOUN_TEMPLATES,
     Concept,
     ConceptError,
-    PRONOUN_TEMPLATES,
     concept_accuracy,
+    concept_logit_diffs,
     gender_concept,
     target_token_ids,
+    tokenize_prompts,
     validate_concept,
 )
-from tasks.ioi.data import single_token_id
+from tasks.ioi import single_token_id
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +77,27 @@ def test_too_few_names_is_explained(tokenizer):
     assert len(small.train.positive_subjects) == len(small.test.positive_subjects) == 1
 
 
-def test_accuracy_runs_on_a_tiny_model(tiny_llama):
-    test = gender_concept(tiny_llama.tokenizer).test
-    assert 0.0 <= concept_accuracy(tiny_llama, test, batch_size=3) <= 1.0
+def test_accuracy_counts_the_prompts_whose_own_token_wins(tiny_llama):
+    """Batched, right-padded accuracy equals a prompt-by-prompt count of logit[own token] > logit[other token]."""
+    tokenizer = tiny_llama.tokenizer
+    # prompts of different lengths and endings, so the two target logits do not order every prompt alike
+    prompts = [" ".join(WORDS[(7 * index) % 40 : (7 * index) % 40 + 1 + index % 5]) for index in range(16)]
+    final_logits = torch.stack([tiny_llama(tokenize_prompts(tokenizer, [prompt])[0])[0, -1] for prompt in prompts])
+    checked = 0  # one prompt at a time above: no padding, the last position is the prompt's end
+    for positive_token, negative_token in [(" girl", " boy"), (" she", " he"), (" woman", " man"), (" her", " his")]:
+        concept = Concept("gender", prompts[:8], prompts[8:], positive_token, negative_token)
+        positive_id, negative_id = target_token_ids(concept, tokenizer)
+        labels = concept.prompts_and_labels()[1]
+        expected = final_logits[:, positive_id] - final_logits[:, negative_id]
+        wins = (expected > 0).long() == labels
+        if wins.float().mean() == 0.5:  # swapped labels or signs would give the same accuracy: not a check
+            continue
+        diffs, got_labels = concept_logit_diffs(tiny_llama, concept, batch_size=3)
+        assert torch.equal(got_labels, labels)
+        assert torch.allclose(diffs, expected, atol=1e-4)
+        assert concept_accuracy(tiny_llama, concept, batch_size=3) == pytest.approx(wins.float().mean().item())
+        checked += 1
+    assert checked > 0, "every target pair splits the prompts evenly on this tiny model; the test checks nothing"
 
 
 @pytest.mark.integration

@@ -12,15 +12,20 @@ import torch
 from sae.config import DictionaryConfig
 from sae.io import save_dictionary
 from sae.relu import ReluSAE
-from tasks.concepts import Concept, ConceptError, gender_concept
 from tasks.erasure import (
     COLUMNS,
-    FeatureRemoval,
+    K_METHODS,
+    Concept,
+    ConceptError,
+    Erasure,
+    build_edits,
     class_means,
     collect_train_statistics,
-    build_edits,
+    evaluate_on_prompts,
+    feature_removal,
     fit_leace,
     fit_mean_projection,
+    gender_concept,
     load_concept_splits,
     probe_accuracies,
     run_erasure,
@@ -54,7 +59,8 @@ def labelled_data(n: int = 40, d: int = 16, seed: int = 0) -> tuple[torch.Tensor
 def sweep(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("erasure")
     splits = gender_concept(tiny_llama.tokenizer)
-    paths = run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, out, ks=KS,
+    # every method, two k, four prompts per side on test and transfer: one batch per split (~40 forwards)
+    paths = run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, out, ks=KS, prompts_per_side=4,
                         ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
     return paths, pd.read_csv(paths["csv"])
 
@@ -88,9 +94,10 @@ def test_mean_projection_removes_the_mean_difference_exactly():
     edited = edit(x)
     positive, negative = class_means(edited, labels)
     assert torch.allclose(positive, negative, atol=1e-10)
+    direction = edit.edit.fn.direction
     change = x - edited  # every change lies along the unit mean-difference direction
-    assert torch.allclose(change, (change @ edit.direction)[:, None] * edit.direction, atol=1e-10)
-    assert edit.direction.norm().item() == pytest.approx(1.0)
+    assert torch.allclose(change, (change @ direction)[:, None] * direction, atol=1e-10)
+    assert direction.norm().item() == pytest.approx(1.0)
 
 
 def test_removing_features_subtracts_exactly_code_times_direction():
@@ -102,22 +109,44 @@ def test_removing_features_subtracts_exactly_code_times_direction():
     codes = sae.encode(x)
     assert (codes[..., features] > 0).any()
     expected = sum(codes[..., i, None] * sae.W_dec[i] for i in features)
-    edit = FeatureRemoval(HOOK, "sae_activation", sae, features)
+    edit = feature_removal(HOOK, "sae_activation", sae, features)
     assert torch.allclose(x - edit(x), expected, atol=1e-6)
-    assert edit.k == 3
+    assert edit.k == 3 and edit.features == (4, 17, 40)
+    passthrough = torch.zeros(3, 5, dtype=torch.bool)
+    passthrough[1, 2] = True  # a row the engine passes through is left as it is
+    kept = edit(x, passthrough)
+    assert torch.equal(kept[1, 2], x[1, 2])
+    assert torch.allclose(x - kept, expected * ~passthrough[..., None], atol=1e-6)
 
 
 def test_an_edit_changes_every_position_but_bos_in_the_forward_pass(tiny_llama):
-    from circuits.evaluation import replacement_hook
+    from circuits.engine import run_with_edits
 
     tokens = held_out_tokens(tiny_llama.tokenizer, n=2, length=6)
-    edit = FeatureRemoval(HOOK, "sae_activation", tiny_sae(), [0, 1, 2, 3])
+    edit = feature_removal(HOOK, "sae_activation", tiny_sae(), [0, 1, 2, 3])
     _, clean = tiny_llama.run_with_cache(tokens, names_filter=[HOOK])
-    seen = {}
-    tiny_llama.run_with_hooks(tokens, fwd_hooks=[(HOOK, replacement_hook(edit, 1)),
-                                                 (HOOK, lambda act, hook: seen.setdefault("x", act.clone()))])
-    assert torch.equal(seen["x"][:, 0], clean[HOOK][:, 0])
-    assert torch.allclose(seen["x"][:, 1:], edit(clean[HOOK][:, 1:]), atol=1e-6)
+    seen = run_with_edits(tiny_llama, tokens, edits=edit.edits, record=[HOOK]).recorded[HOOK]
+    assert torch.equal(seen[:, 0], clean[HOOK][:, 0])
+    assert torch.allclose(seen[:, 1:], edit(clean[HOOK][:, 1:]), atol=1e-6)
+    assert not torch.allclose(seen[:, 1:], clean[HOOK][:, 1:], atol=1e-4)
+
+
+def test_every_method_leaves_bos_and_massive_activations_alone():
+    """The engine's pass-through rule holds for feature removal, LEACE and the projection alike."""
+    x, labels = labelled_data(d=32)
+    sae = tiny_sae()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # many features active everywhere
+    activation = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    activation[:, 0] *= 50.0  # BOS
+    activation[1, 3] *= 100.0  # a massive activation (norm far above 10x the row median)
+    passed = torch.zeros(2, 6, dtype=torch.bool)
+    passed[:, 0] = passed[1, 3] = True
+    for method in (feature_removal(HOOK, "sae_activation", sae, range(64)), fit_leace(HOOK, x.float(), labels),
+                   fit_mean_projection(HOOK, x.float(), labels)):
+        edited = method.edit(activation)
+        assert torch.equal(edited[passed], activation[passed]), method
+        assert ((edited - activation).norm(dim=-1)[~passed] > 1e-3).all(), method
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +160,7 @@ def test_random_controls_are_reproducible_nested_and_active(tiny_llama):
 
     def features(seed):
         edits, _ = build_edits({HOOK: sae}, statistics, (2, 4), ("sae_random", "random_dictionary"), seed)
-        return {(e.method, e.k): e.features.tolist() for e in edits if isinstance(e, FeatureRemoval)}
+        return {(e.method, e.k): list(e.features) for e in edits if e.method in K_METHODS}
 
     first, again, other = features(0), features(0), features(1)
     assert first == again
@@ -145,17 +174,13 @@ def test_random_controls_are_reproducible_nested_and_active(tiny_llama):
 
 def test_attribution_predicts_the_effect_of_removing_a_small_feature(tiny_llama):
     """The first-order attribution of one feature tracks its exact removal effect on the train prompts."""
-    from tasks.erasure import evaluate_on_prompts
-
     train = gender_concept(tiny_llama.tokenizer).train
     sae = tiny_sae()
     with torch.no_grad():
         sae.W_dec.mul_(0.01)  # small edits: the linear approximation holds
     statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, train, start=1, progress=False)
     feature = int(statistics[HOOK].attribution.abs().argmax())
-    from tasks.erasure import Edit
-
-    clean, removed = evaluate_on_prompts(tiny_llama, [Edit(HOOK), FeatureRemoval(HOOK, "x", sae, [feature])],
+    clean, removed = evaluate_on_prompts(tiny_llama, [Erasure(HOOK), feature_removal(HOOK, "x", sae, [feature])],
                                          train, start=1, progress=False)
     exact_drop = (clean.signed_diffs - removed.signed_diffs).mean().item()
     assert exact_drop == pytest.approx(statistics[HOOK].attribution[feature].item(), rel=0.05)
@@ -187,10 +212,15 @@ def test_sweep_writes_the_table_plot_and_settings(sweep):
 # Bad input
 
 
-def _count_forwards(model):
-    calls = []
-    handle = model.embed.register_forward_hook(lambda *args: calls.append(1))
-    return calls, handle
+class NoCompute:
+    """The model's tokenizer, config and hook names, but no forward pass: for checks that must fail before
+    any compute (without touching the shared model fixture)."""
+
+    def __init__(self, model):
+        self.tokenizer, self.cfg, self.hook_dict = model.tokenizer, model.cfg, model.hook_dict
+
+    def __getattr__(self, name):
+        raise AssertionError(f"model.{name} used before the inputs were checked")
 
 
 @pytest.mark.parametrize("positive, negative, tokens, message", [
@@ -201,14 +231,9 @@ def _count_forwards(model):
 def test_bad_concepts_fail_before_any_compute(tiny_llama, tmp_path, positive, negative, tokens, message):
     good = gender_concept(tiny_llama.tokenizer)
     bad = Concept("bad", positive, negative, *tokens, split="test")
-    calls, handle = _count_forwards(tiny_llama)
-    try:
-        with pytest.raises(ConceptError, match=message):
-            run_erasure(tiny_llama, {HOOK: tiny_sae()}, (good.train, bad, good.transfer), tmp_path / "out",
-                        ks=KS, ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
-    finally:
-        handle.remove()
-    assert calls == []
+    with pytest.raises(ConceptError, match=message):
+        run_erasure(NoCompute(tiny_llama), {HOOK: tiny_sae()}, (good.train, bad, good.transfer), tmp_path / "out",
+                    ks=KS, ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -282,8 +307,7 @@ def test_cli_runs_on_saved_dictionaries(tiny_llama_folder, tmp_path):
 def test_erasure_on_the_real_model(real_model, tmp_path):
     """One layer, one k, three methods, a signed PCA basis of the train prompts' activations as the dictionary."""
     from sae.baselines import fit_pca
-    from tasks.concepts import tokenize_prompts
-    from tasks.erasure import subsample_concept
+    from tasks.erasure import subsample_concept, tokenize_prompts
 
     hook = "blocks.9.hook_resid_post"
     splits = [subsample_concept(split, 8, seed=0) for split in gender_concept(real_model.tokenizer)]

@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from tasks.ioi_data import final_position_logits, single_token_id
+from tasks.ioi import final_position_logits, single_token_id
 
 MAX_IMBALANCE = 0.1  # largest allowed relative difference between the two sides' sizes
 

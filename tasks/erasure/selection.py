@@ -1,0 +1,162 @@
+"""Which features to remove, and every (hook, method, k) edit of a sweep.
+
+The k-swept methods rank a dictionary's features and remove the first k:
+
+- `sae_attribution`: by the predicted drop of the signed concept logit difference when a feature is
+  removed, activation x gradient (`circuits.attribution.attribution_scores` with delta = the codes),
+  summed over the edited positions and averaged over the train prompts;
+- `sae_activation`: by |mean code on positive prompts - mean code on negative prompts| at the final
+  position;
+- `sae_random` (control): active features in a random order (seeded, nested across k);
+- `random_dictionary` (control): a random orthonormal basis (signed, centred on the train mean),
+  ranked by activation difference.
+
+LEACE and the mean projection are fitted at the final position (or at every edited position for
+the `*_all_positions` variants).
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from circuits.attribution import attribution_scores
+from circuits.engine import encode_codes
+from sae.baselines import random_basis
+from sae.dictionary import Dictionary
+from tasks.erasure.edits import Erasure, class_means, feature_removal, fit_leace, fit_mean_projection
+
+K_METHODS = ("sae_attribution", "sae_activation", "sae_random", "random_dictionary")
+FIXED_METHODS = ("leace", "mean_projection", "leace_all_positions", "mean_projection_all_positions")
+METHODS = K_METHODS + FIXED_METHODS
+DEFAULT_KS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class HookStatistics:
+    """What the methods are fitted on at one hook, from the train split."""
+
+    final_activations: torch.Tensor  # [n, d] at each prompt's final position
+    labels: torch.Tensor  # [n]
+    attribution: torch.Tensor  # [n_features]: mean predicted drop of the signed logit diff per removed feature
+    position_activations: torch.Tensor  # [m, d] at every edited position of every prompt
+    position_labels: torch.Tensor  # [m]: the label of the prompt each position belongs to
+    active_features: torch.Tensor  # [n_features] bool: fired at some edited position of some prompt
+    final_passthrough: torch.Tensor | None = None  # [n] bool: final positions the engine passes through
+
+    @property
+    def final_editable(self) -> torch.Tensor:
+        """[n] bool: the prompts whose final position the edits act on (what the final-position fits use)."""
+        if self.final_passthrough is None:
+            return torch.ones(len(self.labels), dtype=torch.bool)
+        return ~self.final_passthrough
+
+
+def signed_logit_diffs(final_logits: torch.Tensor, labels: torch.Tensor, token_ids: tuple[int, int]) -> torch.Tensor:
+    """[n]: logit of the prompt's own concept token minus the other side's (positive = correct)."""
+    positive_id, negative_id = token_ids
+    sign = labels.to(final_logits.device, final_logits.dtype) * 2 - 1
+    return (final_logits[:, positive_id] - final_logits[:, negative_id]) * sign
+
+
+def feature_attribution(dictionary: Dictionary, activation: torch.Tensor, grad: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed predicted drop per removed feature [n_features] (float64), active features [n_features] bool)
+    for activation and its metric gradient [b, pos, d], over the edited positions `mask` [b, pos]."""
+    codes = encode_codes(dictionary, activation, ~mask)  # [b, pos, n_features], zero outside the mask
+    drop = attribution_scores(grad, codes, dictionary.feature_directions, mask=mask).features
+    return drop, (codes[mask] > 0).any(0).cpu()
+
+
+def activation_difference(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[n_features]: |mean code over positive prompts - mean over negative prompts|, codes [n, n_features]."""
+    positive, negative = class_means(codes, labels)
+    return (positive - negative).abs()
+
+
+def ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Feature indices, highest score first (ties by index, so the order is reproducible)."""
+    return torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+
+
+def random_features(active: torch.Tensor, seed: int, hook: str) -> torch.Tensor:
+    """The active feature indices in a random order fixed by (seed, hook); take the first k for k features."""
+    pool = torch.nonzero(active.cpu()).flatten()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(hook.encode()))
+    return pool[torch.randperm(len(pool), generator=generator)]
+
+
+def check_ks(ks: Sequence[int], dictionaries: dict[str, Dictionary]) -> list[int]:
+    """The k values, sorted and unique; each must be positive and at most every dictionary's size."""
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"k values must be positive integers, got {ks}")
+    for hook, dictionary in dictionaries.items():
+        if ks[-1] > dictionary.n_features:
+            raise ValueError(f"k={ks[-1]} exceeds the {dictionary.n_features} features of the dictionary at {hook}; "
+                             "use smaller k values")
+    return ks
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The methods in the documented order; unknown names are an error."""
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown erasure method(s) {unknown}; choose among {', '.join(METHODS)}")
+    return [method for method in METHODS if method in methods]
+
+
+def feature_rankings(dictionary: Dictionary, statistics: HookStatistics, hook: str, seed: int,
+                     methods: Sequence[str]) -> dict[str, tuple[Dictionary, torch.Tensor]]:
+    """{method: (dictionary, feature indices in removal order)} for the k-swept methods."""
+    fit = statistics.final_editable
+    final_rows, labels = statistics.final_activations[fit], statistics.labels[fit]
+    final = final_rows.to(next(dictionary.parameters()).device)
+    with torch.no_grad():
+        codes = dictionary.encode(final).cpu()  # [n, n_features]
+    rankings = {}
+    if "sae_attribution" in methods:
+        rankings["sae_attribution"] = (dictionary, ranked(statistics.attribution))
+    if "sae_activation" in methods:
+        rankings["sae_activation"] = (dictionary, ranked(activation_difference(codes, labels)))
+    if "sae_random" in methods:
+        rankings["sae_random"] = (dictionary, random_features(statistics.active_features, seed, hook))
+    if "random_dictionary" in methods:
+        basis = random_basis(dictionary.d_in, seed=seed, mean=final_rows.double().mean(0),
+                             hook_name=hook).to(final.device)
+        with torch.no_grad():
+            basis_codes = basis.encode(final).cpu()
+        rankings["random_dictionary"] = (basis, ranked(activation_difference(basis_codes, labels)))
+    return rankings
+
+
+def build_edits(dictionaries: dict[str, Dictionary], statistics: dict[str, HookStatistics], ks: Sequence[int],
+                methods: Sequence[str] = METHODS, seed: int = 0) -> tuple[list[Erasure], dict]:
+    """Every (hook, method, k) edit, a clean identity per hook first; and the chosen features per method."""
+    edits: list[Erasure] = []
+    chosen: dict = {}
+    for hook, dictionary in dictionaries.items():
+        stats = statistics[hook]
+        edits.append(Erasure(hook))
+        rankings = feature_rankings(dictionary, stats, hook, seed, methods)
+        chosen[hook] = {method: order[: max(ks)].tolist() for method, (_, order) in rankings.items()}
+        for method, (source, order) in rankings.items():
+            for k in ks:
+                if k <= len(order):
+                    edits.append(feature_removal(hook, method, source, order[:k].tolist()))
+                else:
+                    warnings.warn(f"{hook}: {method} has only {len(order)} candidate features, skipping k={k}",
+                                  stacklevel=2)
+        fit = stats.final_editable
+        fits = {"": (stats.final_activations[fit], stats.labels[fit]),
+                "_all_positions": (stats.position_activations, stats.position_labels)}
+        for suffix, (activations, labels) in fits.items():
+            if "leace" + suffix in methods:
+                edits.append(fit_leace(hook, activations, labels, "leace" + suffix))
+            if "mean_projection" + suffix in methods:
+                edits.append(fit_mean_projection(hook, activations, labels, "mean_projection" + suffix))
+    return edits, chosen
