@@ -33,6 +33,9 @@ from tasks.erasure import (
 
 HOOK = "blocks.1.hook_resid_post"
 KS = (1, 3)
+# The sweep runs one method of each kind end to end: a ranked and a random-basis feature removal, LEACE, and a
+# fit at every position (test_build_edits_makes_every_method covers the rest without a forward per edit).
+SWEEP_METHODS = ("mean_projection_all_positions", "leace", "random_dictionary", "sae_attribution")
 
 
 def tiny_sae(hook: str = HOOK, d_in: int = 32, seed: int = 1) -> ReluSAE:
@@ -59,9 +62,9 @@ def labelled_data(n: int = 40, d: int = 16, seed: int = 0) -> tuple[torch.Tensor
 def sweep(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("erasure")
     splits = gender_concept(tiny_llama.tokenizer)
-    # every method, two k, four prompts per side on test and transfer: one batch per split (~40 forwards)
-    paths = run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, out, ks=KS, prompts_per_side=4,
-                        ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
+    # 7 edits, four prompts per side on test and transfer: one batch per split (22 forwards, 7 probes)
+    paths = run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, out, ks=KS, methods=SWEEP_METHODS,
+                        prompts_per_side=4, ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
     return paths, pd.read_csv(paths["csv"])
 
 
@@ -172,6 +175,32 @@ def test_random_controls_are_reproducible_nested_and_active(tiny_llama):
     assert statistics[HOOK].attribution.shape == (sae.n_features,)
 
 
+def test_build_edits_makes_every_method(tiny_llama):
+    """Every method and k, in the documented order; the *_all_positions fits use every edited position."""
+    from tasks.erasure import METHODS
+
+    sae = tiny_sae()
+    statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, gender_concept(tiny_llama.tokenizer).train,
+                                          start=1, progress=False)
+    stats = statistics[HOOK]
+    edits, chosen = build_edits({HOOK: sae}, statistics, KS, METHODS, seed=0)
+    assert [(e.method, e.k) for e in edits] == [("clean", None)] + [
+        (method, k) for method in K_METHODS for k in KS] + [(method, None) for method in METHODS[4:]]
+    assert set(chosen[HOOK]) == set(K_METHODS) and all(len(f) == max(KS) for f in chosen[HOOK].values())
+    by_method = {(e.method, e.k): e for e in edits}
+    assert by_method[("sae_activation", 3)].features[:1] == by_method[("sae_activation", 1)].features
+    assert len(stats.position_activations) > len(stats.final_activations)  # every edited position, not the last
+    for method, x, labels in (("mean_projection", stats.final_activations, stats.labels),
+                              ("mean_projection_all_positions", stats.position_activations, stats.position_labels)):
+        edited = by_method[(method, None)](x)
+        assert torch.allclose(*class_means(edited, labels), atol=1e-6), method  # fitted on exactly these rows
+    for method, x, labels in (("leace", stats.final_activations, stats.labels),
+                              ("leace_all_positions", stats.position_activations, stats.position_labels)):
+        edited = by_method[(method, None)](x).double()
+        covariance = (edited - edited.mean(0)).T @ (labels.double() - labels.double().mean())
+        assert covariance.abs().max() < 1e-3 * x.abs().max(), method
+
+
 def test_attribution_predicts_the_effect_of_removing_a_small_feature(tiny_llama):
     """The first-order attribution of one feature tracks its exact removal effect on the train prompts."""
     train = gender_concept(tiny_llama.tokenizer).train
@@ -193,15 +222,15 @@ def test_attribution_predicts_the_effect_of_removing_a_small_feature(tiny_llama)
 def test_sweep_writes_the_table_plot_and_settings(sweep):
     paths, table = sweep
     assert list(table.columns) == COLUMNS
-    expected_rows = 1 + 4 * len(KS) + 4
-    assert len(table) == expected_rows
-    assert set(table["method"]) == {"clean", "sae_attribution", "sae_activation", "sae_random", "random_dictionary",
-                                    "leace", "mean_projection", "leace_all_positions", "mean_projection_all_positions"}
-    assert sorted(table.loc[table["method"] == "sae_random", "k"]) == list(KS)
+    expected = [("clean", None)] + [(method, k) for method in ("sae_attribution", "random_dictionary") for k in KS]
+    expected += [("leace", None), ("mean_projection_all_positions", None)]  # the documented order, not the given one
+    assert [(method, None if pd.isna(k) else k) for method, k in zip(table["method"], table["k"])] == expected
+    assert set(table["hook"]) == {HOOK}
     clean = table[table["method"] == "clean"].iloc[0]
     assert clean["removal"] == 0 and clean["kl"] == 0 and clean["edit_norm"] == 0
     edited = table[table["method"] != "clean"]
     assert (edited["edit_norm"] > 0).all() and (edited["kl"] >= 0).all()
+    assert edited["transfer_removal"].notna().all() and (edited["transfer_removal"] != 0).all()
     with open(paths["plot"], "rb") as stream:
         assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
     settings = json.loads(open(paths["json"]).read())

@@ -144,7 +144,7 @@ def _pronoun_prompts(subjects: list[str]) -> list[str]:
     return [template.format(name=subject) for subject in subjects for template in PRONOUN_TEMPLATES]
 
 
-def gender_concept(tokenizer, seed: int = 0, n_names_per_side: int | None = None, test_fraction: float = 0.5,
+def gender_concept(tokenizer, seed: int = 0, *, n_names_per_side: int | None = None, test_fraction: float = 0.5,
                    n_shots_per_side: int = 2, n_example_names: int = 3) -> ConceptSplits:
     """Gender as predicted " female" / " male" after few-shot "My name is X and I am a" prompts.
 
