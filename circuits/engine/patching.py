@@ -349,7 +349,9 @@ class FeaturePatcher:
         """{metric: (d metric / d activation [m, len, d], metric value)} in bucket `index`, with the
         codes moved `point` of the way along delta."""
         bucket, n = self.run.buckets[index], self.run.n_prompts
-        activation = bucket.clean + point * (delta @ self.directions) if point else bucket.clean
+        with torch.no_grad():  # x as the spliced model computes it: decode(codes + t delta) + error
+            error = bucket.clean - self._reconstruct(self.codes[index])
+            activation = self._reconstruct(self.codes[index] + point * delta) + error
         leaf = activation.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = self.run.run(bucket, leaf)
