@@ -206,12 +206,13 @@ class GradientScorer:
         if grad is None:
             return LayerScores(hook, self.method, torch.zeros(dictionary.n_features), evaluated, 0.0)
         with torch.no_grad():
-            if hook not in self._deltas:
+            if hook not in self._deltas:  # both zero outside the valid positions, so no mask is needed below
                 x = self.spliced[hook].detach()
-                codes = self.clean.codes[hook].to(x) * self.valid[..., None].to(x)
-                self._deltas[hook] = (codes, x - dictionary.decode(codes))
+                valid = self.valid[..., None].to(x)
+                codes = self.clean.codes[hook].to(x) * valid
+                self._deltas[hook] = (codes, (x - dictionary.decode(codes)) * valid)
             codes, error = self._deltas[hook]
-            scores = attribution_scores(grad, codes, dictionary.feature_directions, delta_error=error, mask=self.valid)
+            scores = attribution_scores(grad, codes, dictionary.feature_directions, delta_error=error)
         return LayerScores(hook, self.method, scores.features.float() * evaluated, evaluated, float(scores.error))
 
     def layer(self, hook: str, nodes_above: list[Node]) -> tuple[LayerScores, dict[Node, LayerScores]]:
