@@ -157,7 +157,7 @@ class AblationScorer:
 def direct_effect_hooks(model, first_layer: int, last_layer: int, include_final: bool) -> list[str]:
     """Hooks whose values are detached for direct effects: every attention pattern (`*hook_pattern`)
     and norm scale (`*hook_scale`: ln1, ln2, q/k norms, post-norms, ...) the model has in blocks
-    first_layer..last_layer, and the final norm's scale with `include_final`; in forward order."""
+    first_layer..last_layer, and the final norm's scale with `include_final`; by block, then name."""
     chosen = []
     for name in model.hook_dict:
         if not name.endswith(("hook_pattern", "hook_scale")):
