@@ -21,7 +21,8 @@ from circuits.engine import passthrough_positions, run_with_edits
 from circuits.hooks import check_width, sorted_hooks, validate_hooks
 from circuits.metrics import cross_entropy, summed_kl
 from sae.dictionary import Dictionary
-from tasks.erasure.concepts import Concept, ConceptError, ConceptSplits, gender_concept, tokenize_prompts, validate_concept
+from tasks.erasure.concepts import (Concept, ConceptError, ConceptSplits, gender_concept, tokenize_prompts,
+                                    validate_concept)
 from tasks.erasure.edits import Erasure
 from tasks.erasure.report import PromptResults, erasure_table, result_rows, write_results
 from tasks.erasure.selection import (METHODS, HookStatistics, build_edits, check_ks, check_methods, feature_attribution,
