@@ -85,6 +85,11 @@ class Dictionary(nn.Module, abc.ABC):
         codes = self.encode(x)
         return DictionaryOutput(self.decode(codes), codes)
 
+    def encode_features(self, x: torch.Tensor, indices) -> torch.Tensor:
+        """[..., len(indices)]: the codes of the listed features only. Architectures whose features are
+        computed independently (ReLU, JumpReLU) override it to compute just those encoder columns."""
+        return self.encode(x)[..., list(indices)]
+
     def check_input_width(self, width: int, where: str = "") -> None:
         """Fail before any compute when activations do not match this dictionary's d_in."""
         if width != self.d_in:
@@ -151,6 +156,17 @@ class SparseAutoencoder(Dictionary):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.pre_activations(x))
+
+    def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """The nonlinearity on the pre-activations of features `index` alone, or None when a feature's
+        code depends on the others (TopK): then `encode_features` encodes everything and slices."""
+        return None
+
+    def encode_features(self, x: torch.Tensor, indices) -> torch.Tensor:
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=x.device)
+        centred = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        codes = self.column_activation(centred @ self.W_enc[:, index] + self.b_enc[index], index)
+        return self.encode(x)[..., index] if codes is None else codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return affine(codes, self.W_dec, self.b_dec)

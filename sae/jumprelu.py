@@ -71,6 +71,9 @@ class JumpReLUSAE(SparseAutoencoder):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * (pre > self.threshold).to(pre)
 
+    def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre) * (pre > self.threshold[index]).to(pre)
+
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         with torch.no_grad():
             self.threshold.clamp_(min=0.0)

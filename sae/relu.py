@@ -23,6 +23,9 @@ class ReluSAE(SparseAutoencoder):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
+    def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         codes = self.activation(self.pre_activations(x))
         residual, mse = self.reconstruction_terms(x, codes)

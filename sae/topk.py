@@ -55,6 +55,9 @@ class TopKSAE(ReluSAE):
         top = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
 
+    def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> None:
+        return None  # a code depends on every other pre-activation (is it among the k largest?)
+
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         pre = self.pre_activations(x)
         codes = self.activation(pre)

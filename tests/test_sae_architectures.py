@@ -225,3 +225,18 @@ def test_a_registered_architecture_trains_with_no_change_to_the_loop(tmp_path):
         assert result.metrics["fvu"] < 0.5 and type(load_dictionary(result.folder)) is SquaredRelu
     finally:
         ARCHITECTURES.pop("test_squared_relu")
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "batchtopk"])
+def test_encode_features_equals_the_slice_of_encode(architecture):
+    from sae.config import DictionaryConfig
+    from sae.registry import build_dictionary
+
+    cfg = DictionaryConfig(architecture, d_in=12, d_sae=40, k=5, seed=3)
+    sae = build_dictionary(cfg)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        sae.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 7, 12, generator=torch.Generator().manual_seed(2))
+    indices = [0, 17, 39, 5]
+    torch.testing.assert_close(sae.encode_features(x, indices), sae.encode(x)[..., indices], rtol=1e-5, atol=1e-6)

@@ -98,8 +98,9 @@ def target_layer(model, target: Target) -> int:
 
 
 def encode_features(dictionary: Dictionary, activation: torch.Tensor, indices: list[int]) -> torch.Tensor:
-    """[..., len(indices)]: the listed features' codes of activation [..., d]."""
-    return dictionary.encode(activation)[..., indices]
+    """[..., len(indices)]: the listed features' codes of activation [..., d] (the dictionary computes
+    only those encoder columns where its architecture allows)."""
+    return dictionary.encode_features(activation, indices)
 
 
 def target_values(target: Target, dictionaries: dict[str, Dictionary], output: torch.Tensor,
