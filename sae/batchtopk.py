@@ -37,6 +37,9 @@ class BatchTopKSAE(SparseAutoencoder):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * (pre > self.threshold.to(pre.dtype))
 
+    def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.activation(pre)  # at inference one global threshold: each code depends on its column alone
+
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         pre = self.pre_activations(x)
         codes = batch_topk(pre, self.cfg.k)
