@@ -112,7 +112,7 @@ def make_random_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0, hook: str = 
     return sae.eval()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def random_sae():
     """A factory: random_sae(d_in=32, d_sae=64, seed=0, hook=...) -> a fresh untrained SAE (never shared)."""
     return make_random_sae

@@ -23,7 +23,6 @@ from tasks.ioi import (
     prefix_sizes,
     run_ioi_benchmark,
 )
-from test_splicing import random_sae
 
 HOOK = "blocks.2.hook_resid_post"
 FAST = SearchSettings(confirm_top=8, prune_evals=4, bisect_evals=2)
@@ -57,7 +56,7 @@ def test_area_under_curve_and_envelope():
     assert area_under_curve([{"n_features": 0, "kl": 2.0}], 2.0, 15) == pytest.approx(1.0)
 
 
-def test_benchmark_writes_curves_summary_and_plot(tiny_llama, llama_activations, tmp_path):
+def test_benchmark_writes_curves_summary_and_plot(random_sae, tiny_llama, llama_activations, tmp_path):
     baselines = build_baselines(tiny_llama, HOOK, ["pca", "neurons", "dense"], 0, None,
                                 activations=llama_activations, settings=BaselineSettings(dense_epochs=1), progress=False)
     dictionaries = {"sae": random_sae(hook=HOOK), **baselines}
@@ -84,7 +83,7 @@ def test_benchmark_writes_curves_summary_and_plot(tiny_llama, llama_activations,
     assert set(result.timings) >= {"prompts", "clean_counterfactual_runs", "attribution", "threshold_sweep"}
 
 
-def test_per_prompt_feature_sets(tiny_llama, tmp_path):
+def test_per_prompt_feature_sets(random_sae, tiny_llama, tmp_path):
     settings = SearchSettings(confirm_top=0, feature_sets="per_prompt")
     result = run_ioi_benchmark(tiny_llama, {"sae": random_sae(hook=HOOK)}, HOOK, 6, tmp_path, settings=settings,
                                progress=False)
@@ -97,7 +96,7 @@ def test_per_prompt_feature_sets(tiny_llama, tmp_path):
                           settings=SearchSettings(feature_sets="each"), progress=False)
 
 
-def test_patching_the_error_too_reaches_the_counterfactual_with_every_feature(tiny_llama, tmp_path):
+def test_patching_the_error_too_reaches_the_counterfactual_with_every_feature(random_sae, tiny_llama, tmp_path):
     """With patch_error the error term comes from the counterfactual in every set, so an SAE patched
     in full reproduces the counterfactual (KL 0), and the error-only set is on the curve."""
     settings = SearchSettings(confirm_top=0, prune_evals=2, bisect_evals=1, patch_error=True)
@@ -108,14 +107,14 @@ def test_patching_the_error_too_reaches_the_counterfactual_with_every_feature(ti
     assert "error_only" in set(result.curves["method"])
 
 
-def test_names_that_are_not_single_tokens_are_rejected(tiny_llama, tmp_path):
+def test_names_that_are_not_single_tokens_are_rejected(random_sae, tiny_llama, tmp_path):
     with pytest.raises(IOIDataError, match="Bartholomew"):
         run_ioi_benchmark(tiny_llama, {"sae": random_sae(hook=HOOK)}, HOOK, 4, tmp_path,
                           names=["Mary", "John", "Bartholomew", "Tom"], progress=False)
     assert not (tmp_path / "curves.csv").exists()
 
 
-def test_a_dictionary_of_the_wrong_width_is_rejected_before_running(tiny_llama, tmp_path):
+def test_a_dictionary_of_the_wrong_width_is_rejected_before_running(random_sae, tiny_llama, tmp_path):
     started = time.perf_counter()
     with pytest.raises(ValueError, match="'wide'.*d_in=48"):
         run_ioi_benchmark(tiny_llama, {"sae": random_sae(hook=HOOK), "wide": random_sae(d_in=48, d_sae=96)}, HOOK,
@@ -125,7 +124,7 @@ def test_a_dictionary_of_the_wrong_width_is_rejected_before_running(tiny_llama, 
         build_baselines(tiny_llama, HOOK, ["pca", "nmf"], 10, None, activations=torch.randn(10, 32))
 
 
-def test_cli_runs_with_an_sae_folder_and_reuses_its_activations(tiny_llama_folder, tiny_llama, tmp_path, capsys):
+def test_cli_runs_with_an_sae_folder_and_reuses_its_activations(random_sae, tiny_llama_folder, tiny_llama, tmp_path, capsys):
     from sparse_circuits.cli import ioi as cli_ioi
 
     saes = tmp_path / "saes"
@@ -146,7 +145,7 @@ def test_cli_runs_with_an_sae_folder_and_reuses_its_activations(tiny_llama_folde
 
 
 @pytest.mark.integration
-def test_real_model_splicing_is_exact_and_the_benchmark_runs(real_model, tmp_path):
+def test_real_model_splicing_is_exact_and_the_benchmark_runs(random_sae, real_model, tmp_path):
     from circuits.engine import splice_dictionaries
     from sae.baselines import fit_pca
     from tasks.ioi import generate_ioi_prompts, tokenize_ioi

@@ -8,7 +8,6 @@ import torch
 from circuits.engine import CachedRun, FeaturePatcher, length_buckets, splice_dictionaries
 from circuits.hooks import resume_block
 from circuits.metrics import KLTo, LogitDifference, TokenProbability, spearman
-from test_splicing import random_sae
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -68,7 +67,7 @@ def test_running_from_the_hook_reproduces_the_full_forward(tiny_model):
 
 
 @torch.no_grad()
-def test_patched_sets_match_the_spliced_model(tiny_llama, llama_run):
+def test_patched_sets_match_the_spliced_model(random_sae, tiny_llama, llama_run):
     sae = random_sae()
     patcher = FeaturePatcher(llama_run, sae)
     metrics = metrics_for(llama_run)
@@ -100,7 +99,7 @@ def test_patched_sets_match_the_spliced_model(tiny_llama, llama_run):
 
 
 @torch.no_grad()
-def test_all_features_plus_error_reproduce_the_counterfactual(llama_run):
+def test_all_features_plus_error_reproduce_the_counterfactual(random_sae, llama_run):
     patcher = FeaturePatcher(llama_run, random_sae())
     metrics = metrics_for(llama_run)
     result = patcher.evaluate([[], None], metrics, include_error=True)
@@ -113,7 +112,7 @@ def test_all_features_plus_error_reproduce_the_counterfactual(llama_run):
 
 
 @torch.no_grad()
-def test_modes_and_edit_norm(llama_run):
+def test_modes_and_edit_norm(random_sae, llama_run):
     sae = random_sae()
     patcher = FeaturePatcher(llama_run, sae)
     metrics = metrics_for(llama_run)
@@ -139,7 +138,7 @@ def test_modes_and_edit_norm(llama_run):
 
 
 @torch.no_grad()
-def test_per_prompt_sets(llama_run):
+def test_per_prompt_sets(random_sae, llama_run):
     patcher = FeaturePatcher(llama_run, random_sae())
     metrics = metrics_for(llama_run)
     n = llama_run.n_prompts
@@ -158,7 +157,7 @@ def test_per_prompt_sets(llama_run):
 
 
 @torch.no_grad()
-def test_positions_restrict_the_edit(llama_run):
+def test_positions_restrict_the_edit(random_sae, llama_run):
     patcher = FeaturePatcher(llama_run, random_sae(), positions=torch.tensor([1]))
     metrics = metrics_for(llama_run)
     # the runs differ from position 2 on, so patching position 1 only changes nothing
@@ -167,7 +166,7 @@ def test_positions_restrict_the_edit(llama_run):
     assert result.values["kl"][0].item() == pytest.approx(patcher.baseline(metrics)["kl"], abs=1e-6)
 
 
-def test_attribution_is_the_first_order_effect(llama_run):
+def test_attribution_is_the_first_order_effect(random_sae, llama_run):
     patcher = FeaturePatcher(llama_run, random_sae())
     metrics = metrics_for(llama_run)
     attributions = patcher.attribution(metrics, mode="scale", value=1.01)
@@ -181,7 +180,7 @@ def test_attribution_is_the_first_order_effect(llama_run):
         assert attributions[name].metric_value == pytest.approx(base[name], rel=1e-4, abs=1e-6)
 
 
-def test_attribution_ranks_single_feature_patches(llama_run):
+def test_attribution_ranks_single_feature_patches(random_sae, llama_run):
     patcher = FeaturePatcher(llama_run, random_sae())
     metrics = metrics_for(llama_run)
     scores = patcher.attribution(metrics)["logit_diff"].features
@@ -203,6 +202,6 @@ def test_metrics():
     assert batched.shape == (3, 2)
 
 
-def test_width_mismatch_is_rejected(llama_run):
+def test_width_mismatch_is_rejected(random_sae, llama_run):
     with pytest.raises(ValueError, match="d_in=16"):
         FeaturePatcher(llama_run, random_sae(d_in=16, d_sae=32))

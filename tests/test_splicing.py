@@ -12,16 +12,6 @@ from sae.relu import ReluSAE
 HOOK = "blocks.1.hook_resid_post"
 
 
-def random_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0, hook: str = HOOK) -> ReluSAE:
-    """An untrained SAE with nonzero biases, so that codes are not trivially zero."""
-    sae = ReluSAE(DictionaryConfig("standard", d_in=d_in, d_sae=d_sae, hook_name=hook, seed=seed))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=generator))
-        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=generator))
-    return sae.eval()
-
-
 def tokens_for(model, n: int = 3, length: int = 12, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, len(model.tokenizer), (n, length), generator=generator)
@@ -30,7 +20,7 @@ def tokens_for(model, n: int = 3, length: int = 12, seed: int = 0) -> torch.Tens
 
 
 @torch.no_grad()
-def test_splice_is_exact_and_exposes_hook_points(tiny_model):
+def test_splice_is_exact_and_exposes_hook_points(random_sae, tiny_model):
     tokens = tokens_for(tiny_model)
     clean = tiny_model(tokens)
     names = [f"{HOOK}.{name}" for name in SPLICE_HOOKS]
@@ -49,7 +39,7 @@ def test_splice_is_exact_and_exposes_hook_points(tiny_model):
 
 
 @torch.no_grad()
-def test_editing_one_feature_moves_the_activation_along_its_decoder_direction(tiny_llama):
+def test_editing_one_feature_moves_the_activation_along_its_decoder_direction(random_sae, tiny_llama):
     sae = random_sae()
     tokens = tokens_for(tiny_llama)
     _, base = tiny_llama.run_with_cache(tokens, names_filter=[HOOK])
@@ -70,7 +60,7 @@ def test_editing_one_feature_moves_the_activation_along_its_decoder_direction(ti
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_error_term_carries_gradients_only_when_asked(tiny_llama):
+def test_error_term_carries_gradients_only_when_asked(random_sae, tiny_llama):
     tokens = tokens_for(tiny_llama, n=2)
 
     def gradients(error_gradients: bool | None):
@@ -108,7 +98,7 @@ def test_error_term_carries_gradients_only_when_asked(tiny_llama):
     assert not torch.allclose(detached["embed"], plain["embed"], atol=1e-5)
 
 
-def test_persistent_splice_survives_reset_hooks_until_removed(tiny_llama):
+def test_persistent_splice_survives_reset_hooks_until_removed(random_sae, tiny_llama):
     tokens = tokens_for(tiny_llama, n=1)
     splice = splice_dictionaries(tiny_llama, {HOOK: random_sae()})
     try:
@@ -123,7 +113,7 @@ def test_persistent_splice_survives_reset_hooks_until_removed(tiny_llama):
     assert not tiny_llama.hook_dict[HOOK].has_hooks()
 
 
-def test_bad_width_or_hook_is_rejected_before_attaching(tiny_llama):
+def test_bad_width_or_hook_is_rejected_before_attaching(random_sae, tiny_llama):
     before = set(tiny_llama.hook_dict)
     with pytest.raises(ValueError, match="d_in=16"):
         splice_dictionaries(tiny_llama, {HOOK: random_sae(d_in=16, d_sae=32)})
@@ -136,7 +126,7 @@ def test_bad_width_or_hook_is_rejected_before_attaching(tiny_llama):
 
 
 @torch.no_grad()
-def test_massive_activation_positions_are_passed_through_unedited():
+def test_massive_activation_positions_are_passed_through_unedited(random_sae):
     """A position whose norm is far above its context's median gets no codes (like BOS): the error
     term carries it, so no feature edit can touch it; exclude_outliers=False encodes it."""
     from circuits.engine import SplicedDictionary
