@@ -17,7 +17,6 @@ shuffling at document level mixes sources. A stable hash of each document id put
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import tarfile

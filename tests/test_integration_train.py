@@ -1,7 +1,6 @@
 """Integration: a small SAE trained on the real default model and real text beats trivial baselines."""
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.integration
 

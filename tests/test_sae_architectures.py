@@ -188,6 +188,7 @@ def test_reconstruction_totals_leave_massive_activations_out_of_fvu_and_l0():
     assert summary["fvu"] == pytest.approx(fvu(x_all[typical], (x_all + e_all)[typical]).item(), rel=1e-5)
     assert summary["fvu_all_tokens"] == pytest.approx(fvu(x_all, x_all + e_all).item(), rel=1e-5)
     assert summary["fvu_all_tokens"] != pytest.approx(summary["fvu"], rel=0.05)  # the outlier counts there
+    assert summary["l0"] == pytest.approx((c_all[typical] != 0).sum(-1).float().mean().item())
     assert summary["l0"] == pytest.approx(1.0) and summary["outlier_fraction"] == pytest.approx(1 / 70)
     assert summary["mse"] == pytest.approx(e_all[typical].pow(2).mean().item(), rel=1e-5)
     assert summary["dead_fraction"] == 0.0  # counted over every token: feature 5 fired on the outlier

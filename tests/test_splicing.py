@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from circuits.engine import SPLICE_HOOKS, splice_dictionaries, spliced
-from sae.config import DictionaryConfig
-from sae.relu import ReluSAE
 
 HOOK = "blocks.1.hook_resid_post"
 
