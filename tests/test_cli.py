@@ -44,7 +44,10 @@ def test_train_writes_one_folder_per_hook_and_coefficient(trained):
 
 
 def test_evaluate_prints_and_writes_every_metric(trained, tiny_llama_folder, text_corpus, tmp_path, capsys):
-    folder = trained / "blocks.2.hook_resid_post__l1_0.001"
+    import shutil
+
+    folder = tmp_path / "sae"  # evaluate writes eval.json into the folder: work on a copy of the shared one
+    shutil.copytree(trained / "blocks.2.hook_resid_post__l1_0.001", folder)
     out_json = tmp_path / "eval.json"
     code = main(["evaluate", "--model", str(tiny_llama_folder), "--corpus", str(text_corpus), "--sae", str(folder),
                  "--tokens", "300", "--context-size", "16", "--json", str(out_json)])
