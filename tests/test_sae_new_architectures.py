@@ -20,14 +20,6 @@ HOOK = "blocks.0.hook_resid_post"
 D_IN, D_SAE = 16, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sparse_activations(n_tokens: int = 8192, d_in: int = D_IN, n_true: int = 48, active: int = 3, seed: int = 0):
     """Sparse nonnegative combinations of `active` of `n_true` unit directions, plus an offset."""
     generator = torch.Generator().manual_seed(seed)

@@ -23,15 +23,6 @@ from sae.training import (LOG_COLUMNS, CheckpointWriteError, TrainingConfig, def
 HOOK_A, HOOK_B = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run faster on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sparse_data(n_tokens: int, d_in: int, n_true: int, active: int, seed: int = 0):
     """Tokens that are sparse nonnegative combinations of `active` of `n_true` unit directions, plus an offset."""
     generator = torch.Generator().manual_seed(seed)
