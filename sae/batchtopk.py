@@ -29,6 +29,8 @@ def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
 
 
 class BatchTopKSAE(SparseAutoencoder):
+    sparsity_setting = "k"
+
     def __init__(self, cfg: DictionaryConfig):
         check_k(cfg, "BatchTopK")
         super().__init__(cfg)

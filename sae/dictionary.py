@@ -123,6 +123,9 @@ class SparseAutoencoder(Dictionary):
     extend `fold_input_scale_`, `scale_features_`, `saelens_tensors` and `load_saelens_tensors`.
     """
 
+    # The cfg field that sets this architecture's sparsity ("l1_coefficient" or "k"): what a sweep varies.
+    sparsity_setting = "l1_coefficient"
+
     def __init__(self, cfg: DictionaryConfig):
         super().__init__(cfg)
         decoder = random_unit_rows(cfg.d_sae, cfg.d_in, cfg.seed)

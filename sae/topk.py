@@ -46,6 +46,8 @@ def with_aux_k(sae: SparseAutoencoder, pre: torch.Tensor, mse: torch.Tensor, res
 
 
 class TopKSAE(ReluSAE):
+    sparsity_setting = "k"
+
     def __init__(self, cfg: DictionaryConfig):
         check_k(cfg)
         super().__init__(cfg)

@@ -6,6 +6,8 @@ Each copy of a library constant is checked against the library by tests/test_app
 DEFAULT_MODEL = "smollm2-135m"  # = circuits.models.DEFAULT_MODEL
 REGISTRY_MODEL_NAMES = ("smollm2-135m", "gemma3-270m")  # = tuple(circuits.model_sources.REGISTRY_MODELS)
 DEFAULT_CORPUS = "registry"
+# --arch choice -> registered architecture name (= the names in sae.registry)
+ARCHITECTURES = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
 DEVICE_HELP = "cpu, cuda, cuda:1 ... ('auto': cuda if available, else cpu)"
 
 IOI_BASELINES = ("pca", "ica", "neurons", "random", "dense")  # = tasks.ioi.BASELINE_NAMES

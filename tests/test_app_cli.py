@@ -59,6 +59,9 @@ def test_defaults_match_the_library():
 
     assert defaults.DEFAULT_MODEL == DEFAULT_MODEL
     assert defaults.REGISTRY_MODEL_NAMES == tuple(REGISTRY_MODELS)
+    from sae.registry import ARCHITECTURES
+
+    assert sorted(defaults.ARCHITECTURES.values()) == sorted(ARCHITECTURES)
     assert defaults.IOI_BASELINES == tuple(ioi.BASELINE_NAMES)
     assert defaults.IOI_KL_TARGET_FRACTION == ioi.SearchSettings().kl_target_fraction
     assert defaults.ERASE_METHODS == tuple(erasure.METHODS)

@@ -108,3 +108,21 @@ def test_help_explains_every_command(capsys):
     text = capsys.readouterr().out
     for flag in ["--hook", "--tokens", "--out", "--arch", "--expansion", "--l1", "--k", "--tied", "--untied"]:
         assert flag in text
+
+
+@pytest.mark.parametrize("arch, sparsity, saved_as", [("batchtopk", ["--k", "6"], "jumprelu"),
+                                                       ("jumprelu", ["--l1", "1e-2"], "jumprelu")])
+def test_train_every_registered_architecture_from_the_cli(arch, sparsity, saved_as, tiny_llama_folder, text_corpus,
+                                                          tmp_path):
+    from sae.io import load_dictionary
+
+    out = tmp_path / arch
+    code = main(["train", "--model", str(tiny_llama_folder), "--corpus", str(text_corpus), "--hook",
+                 "blocks.1.hook_resid_post", "--tokens", "1500", "--context-size", "16", "--batch-size", "128",
+                 "--epochs", "4", "--lr", "3e-3", "--arch", arch, *sparsity, "--out", str(out)])
+    assert code == 0
+    cfg = json.loads((out / "blocks.1.hook_resid_post" / "cfg.json").read_text())
+    assert cfg["architecture"] == saved_as and cfg["hook_layer"] == 1
+    dictionary = load_dictionary(out / "blocks.1.hook_resid_post")
+    codes = dictionary.encode(torch.randn(64, dictionary.d_in))
+    assert codes.shape == (64, 4 * dictionary.d_in) and torch.isfinite(codes).all()

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
+from sparse_circuits.defaults import ARCHITECTURES
 
 DESCRIPTION = """Harvest activations at one or more hook points in one pass (stopping after the deepest), then
 train one SAE per hook and per L1 coefficient (or k) from that harvest. Writes
@@ -21,13 +22,16 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=positive_int, default=2_000_000, help="tokens to harvest")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the harvested tokens")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--arch", choices=["relu", "topk"], default="relu",
-                        help="relu: the paper's ReLU + L1 SAE; topk: k active features")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default="relu",
+                        help="relu: the paper's ReLU + L1 SAE; topk: k active features per token; batchtopk: k per "
+                             "token on average over the batch (saved as SAELens saves it, a JumpReLU with its "
+                             "threshold); jumprelu: a learned threshold per feature, L0 penalty")
     parser.add_argument("--expansion", type=positive_int, default=4, help="d_sae / d_in (the paper's R)")
     parser.add_argument("--l1", type=float, nargs="+", default=[1e-3],
-                        help="L1 coefficient(s) alpha (relu); several train a sweep from one harvest")
+                        help="sparsity coefficient(s): the L1 alpha (relu) or the L0 weight (jumprelu); several "
+                             "train a sweep from one harvest")
     parser.add_argument("--k", type=positive_int, nargs="+", default=[32],
-                        help="active features (topk); several train a sweep from one harvest")
+                        help="active features (topk, batchtopk); several train a sweep from one harvest")
     tied = parser.add_mutually_exclusive_group()
     tied.add_argument("--tied", dest="tied", action="store_true", default=True,
                       help="encoder = decoder transpose, as in the paper (default)")
@@ -56,7 +60,7 @@ def run(args) -> None:
     from sparse_circuits.pipelines.train import TrainRequest, train_on_model
 
     request = TrainRequest(
-        hooks=args.hook, tokens=args.tokens, architecture="standard" if args.arch == "relu" else "topk",
+        hooks=args.hook, tokens=args.tokens, architecture=ARCHITECTURES[args.arch],
         expansion=args.expansion, l1_coefficients=args.l1, k_values=args.k, tied=args.tied, epochs=args.epochs,
         context_size=args.context_size, batch_size=args.batch_size, lr=args.lr, store_dtype=args.store_dtype,
         seed=args.seed, checkpoint_every=args.checkpoint_every, resample_dead=args.resample_dead,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from circuits.harvest import harvest_activations
-from circuits.hooks import validate_hooks
+from circuits.hooks import layer_of_hook, validate_hooks
 from circuits.models import model_name_of
 from sae.activation_store import ActivationStore
 from sae.config import DictionaryConfig
@@ -25,7 +25,7 @@ class TrainRequest:
 
     hooks: list[str]
     tokens: int = 2_000_000  # activations harvested (unique training tokens)
-    architecture: str = "standard"  # "standard" (ReLU + L1) or "topk"
+    architecture: str = "standard"  # a registered architecture: "standard" (ReLU + L1), "topk", "batchtopk", "jumprelu"
     expansion: int = 4  # dictionary size ratio R = d_sae / d_in
     l1_coefficients: list[float] = field(default_factory=lambda: [1e-3])
     k_values: list[int] = field(default_factory=lambda: [32])
@@ -43,16 +43,19 @@ class TrainRequest:
     activations_dir: Path | None = None  # the activation store; None: <out_dir>/activations
 
     def dictionary_configs(self, d_in_of, model_name: str) -> list[DictionaryConfig]:
-        """One config per (hook, L1 coefficient or k); `d_in_of(hook)` gives each hook's width."""
+        """One config per (hook, sparsity setting: the coefficients or the k values, whichever the architecture
+        uses); `d_in_of(hook)` gives each hook's width."""
+        from sae.registry import architecture_class
+
+        uses_k = getattr(architecture_class(self.architecture), "sparsity_setting", "l1_coefficient") == "k"
         configs = []
         for hook in self.hooks:
             d_in = d_in_of(hook)
-            for setting in (self.l1_coefficients if self.architecture == "standard" else self.k_values):
+            for setting in (self.k_values if uses_k else self.l1_coefficients):
                 configs.append(DictionaryConfig(
                     architecture=self.architecture, d_in=d_in, d_sae=self.expansion * d_in, hook_name=hook,
-                    model_name=model_name, tied=self.tied, seed=self.seed,
-                    l1_coefficient=float(setting) if self.architecture == "standard" else 0.0,
-                    k=int(setting) if self.architecture == "topk" else None,
+                    hook_layer=layer_of_hook(hook), model_name=model_name, tied=self.tied, seed=self.seed,
+                    l1_coefficient=0.0 if uses_k else float(setting), k=int(setting) if uses_k else None,
                 ))
         return configs
 
