@@ -14,8 +14,8 @@ from sparse_circuits.cli.common import add_model_arguments, add_subcommand, posi
 from sparse_circuits.defaults import ERASE_KS, ERASE_METHODS
 
 DESCRIPTION = """Fit erasure methods on the train split of a binary concept (at the final prompt position, or at
-every position for the *_all_positions variants), apply each as an edit to every non-BOS position at a
-hook, and measure on the test split: removal of the concept-token logit difference (1 = gone), a fresh
+every position for the *_all_positions variants), apply each as an edit at a hook to every position but
+the passed-through ones (BOS and massive activations, left alone by every method), and measure on the test split: removal of the concept-token logit difference (1 = gone), a fresh
 linear probe's accuracy, the edit's norm, and the damage on held-out text (KL to the clean model, CE
 change). Writes OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json and prints the table."""
 
