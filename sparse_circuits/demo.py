@@ -5,12 +5,14 @@ middle layers in one pass and train a tied ReLU SAE (ratio 4) on each; evaluate 
 run the IOI feature-patching benchmark at the deepest of them against the paper's baselines; trace one
 feature's upstream circuit across the three layers and export its diagram; erase the gender concept
 with SAE features and compare with LEACE. Everything lands under one folder (default `<cache>/demo`),
-and a second run reuses what the first one computed.
+and a second run reuses what the first one computed. At the end the activation store and the training
+checkpoints are deleted (only an interrupted run needs them); `keep_intermediates` keeps them.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -38,8 +40,32 @@ def _trained_folders(out: Path, hooks: list[str]) -> list[Path] | None:
     return folders if all((folder / "sae_weights.safetensors").exists() for folder in folders) else None
 
 
-def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
-    """Run every step, print where each result is, and return {result name: path}."""
+def intermediate_folders(out: Path) -> list[Path]:
+    """What only an interrupted run needs: the activation store and every training-checkpoint folder."""
+    from sae.training import CHECKPOINT_FOLDER
+
+    folders = [out / "saes" / "activations", *out.rglob(CHECKPOINT_FOLDER)]
+    return sorted({folder for folder in folders if folder.is_dir()})
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the files under `folder`."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def remove_intermediates(out: Path) -> int:
+    """Delete `intermediate_folders(out)`; returns the bytes freed."""
+    freed = 0
+    for folder in intermediate_folders(out):
+        freed += folder_size(folder)
+        shutil.rmtree(folder)
+    return freed
+
+
+def run_demo(out: Path | None = None, device: str = "auto", keep_intermediates: bool = False) -> dict[str, str]:
+    """Run every step, print where each result is, and return {result name: path}.
+
+    `keep_intermediates` keeps the activation store and the training checkpoints (deleted by default)."""
     from circuits.models import fetch_default_model, load_model
     from sae.corpus import load_corpus
     from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
@@ -87,21 +113,28 @@ def run_demo(out: Path | None = None, device: str = "auto") -> dict[str, str]:
     results.update(_trace_step(model, dictionaries, corpus, out / "trace"))
     results.update(_erase_step(model, dictionaries, out / "erasure"))
 
-    print(f"\ndone in {time.time() - started:.0f} s. Results:")
+    if not keep_intermediates:
+        freed = remove_intermediates(out)
+        if freed:
+            print(f"\nremoved the activation store and training checkpoints ({freed / 1e6:.0f} MB; "
+                  "--keep-intermediates keeps them)")
+    print(f"\ndone in {time.time() - started:.0f} s; {out} holds {folder_size(out) / 1e6:.0f} MB. Results:")
     for name, path in results.items():
         print(f"  {name:<32} {path}")
     return results
 
 
 def _ioi_step(model, sae, hook: str, corpus, out: Path) -> dict[str, str]:
-    from tasks.ioi import build_baselines, run_ioi_benchmark
+    from tasks.ioi import build_baselines, format_summary, run_ioi_benchmark
 
     _banner(4, 6, f"IOI feature patching at {hook}: SAE vs {', '.join(DEMO_IOI_BASELINES)} "
                   f"on {DEMO_IOI_PROMPTS} prompts")
     summary = out / "summary.csv"
     if summary.exists():
+        import pandas as pd
+
         print("  reusing the IOI benchmark of an earlier run")
-        print(summary.read_text())
+        print(format_summary(pd.read_csv(summary)))
     else:
         dictionaries = {"sae": sae}
         dictionaries.update(build_baselines(model, hook, DEMO_IOI_BASELINES, n_tokens=20_000, corpus=corpus,

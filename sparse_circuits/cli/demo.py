@@ -18,17 +18,21 @@ DESCRIPTION = """The main job end to end on the default model and corpus, small 
      autoencoder;
   5. trace one feature's upstream circuit through layers 9 and 8 and export its diagram (SVG, HTML);
   6. erase the gender concept at blocks.10: SAE features against LEACE and mean projections.
-Prints where every result is."""
+Prints where every result is. The activation store and the training checkpoints are deleted at the end
+(--keep-intermediates keeps them)."""
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = add_subcommand(commands, "demo", help="the main job end to end on defaults", description=DESCRIPTION)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: <cache>/demo)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--keep-intermediates", action="store_true",
+                        help="keep the activation store and training checkpoints (default: deleted at the end; "
+                             "only an interrupted run needs them)")
     return parser
 
 
 def run(args) -> None:
     from sparse_circuits.demo import run_demo
 
-    run_demo(out=args.out, device=args.device)
+    run_demo(out=args.out, device=args.device, keep_intermediates=args.keep_intermediates)
