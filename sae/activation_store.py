@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from sae.assets import atomic_write_text
 from sae.batches import epoch_permutation
+from sae.finite import check_finite_rows
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MANIFEST = "manifest.json"
@@ -145,9 +146,12 @@ class ActivationStore:
         path = self.folder / self.shards[index]["file"]
         try:
             with safe_open(str(path), framework="pt") as handle:
-                return {hook: handle.get_tensor(hook) for hook in hooks}
+                tensors = {hook: handle.get_tensor(hook) for hook in hooks}
         except Exception as error:  # safetensors raises its own error types for damaged files
             raise StoreError(f"shard {path} is unreadable ({error}); delete the store and harvest again") from error
+        for hook, tensor in tensors.items():  # NonFiniteError: never train on NaN rows
+            check_finite_rows(tensor, f"shard {path}, hook '{hook}'")
+        return tensors
 
     def _shards_per_block(self, hooks: list[str]) -> int:
         bytes_per_token = sum(self.d_in(hook) for hook in hooks) * torch.finfo(DTYPES[self.manifest["dtype"]]).bits // 8

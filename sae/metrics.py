@@ -10,6 +10,7 @@ from typing import Iterable
 import torch
 
 from sae.dictionary import Dictionary
+from sae.finite import NonFiniteError
 
 
 def l0(codes: torch.Tensor) -> torch.Tensor:
@@ -24,8 +25,13 @@ def typical_token_mask(x: torch.Tensor, factor: float = OUTLIER_NORM_FACTOR) -> 
     """[tokens] bool: tokens whose norm is at most `factor` x the median norm of x [tokens, d].
 
     The others are massive activations (attention sinks: norm ~25,000 against ~150 in SmolLM2), a few
-    in ten thousand tokens that would otherwise dominate every variance-based metric."""
+    in ten thousand tokens that would otherwise dominate every variance-based metric. A row holding NaN or
+    infinity is a NonFiniteError, not an outlier: a NaN median would drop every row."""
     norms = x.norm(dim=-1)
+    if not torch.isfinite(norms).all():  # a NaN median would silently mark every token atypical
+        bad = int((~torch.isfinite(norms)).sum().item())
+        raise NonFiniteError(f"{bad} of {norms.numel()} activation rows hold NaN or infinite values (or overflow "
+                             "when squared); check where these activations came from")
     return norms <= factor * norms.median()
 
 

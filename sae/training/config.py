@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sae.finite import check_finite_number
+
 
 @dataclass
 class TrainingConfig:
@@ -27,6 +29,14 @@ class TrainingConfig:
     exclude_outliers: bool = True  # leave massive activations (norm > 10x the batch median) out of every step
 
     def __post_init__(self) -> None:
+        check_finite_number("total_tokens", self.total_tokens)
+        check_finite_number("lr", self.lr, minimum=0.0)
+        check_finite_number("aux_k_coefficient", self.aux_k_coefficient, minimum=0.0)
+        check_finite_number("dense_threshold", self.dense_threshold)
+        for index, beta in enumerate(self.adam_betas):
+            check_finite_number(f"adam_betas[{index}]", beta, minimum=0.0)
+            if beta >= 1:
+                raise ValueError(f"adam_betas[{index}] must be below 1, got {beta}")
         if self.batch_size < 1 or self.total_tokens < 1:
             raise ValueError(f"total_tokens and batch_size must be positive, got total_tokens={self.total_tokens}, "
                              f"batch_size={self.batch_size}")
