@@ -20,7 +20,7 @@ the massive activations are a few in ten thousand tokens but would hold most of 
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits.engine import ActivationMap, passthrough_positions, run_with_edits
 from circuits.hooks import check_width
@@ -42,7 +42,7 @@ def evaluate_dictionaries(model, dictionaries: list[Dictionary], contexts: torch
               for dictionary in dictionaries]
     sums = [{"ce_spliced": 0.0, "ce_zero": 0.0, "ce_replaced": 0.0, "kl": 0.0} for _ in dictionaries]
     ce_clean, predicted = 0.0, 0
-    for begin in tqdm(range(0, contexts.shape[0], batch_size), desc="evaluate", disable=not progress):
+    for begin in progress_bar(range(0, contexts.shape[0], batch_size), desc="evaluate", unit="batch", enabled=progress):
         tokens = contexts[begin : begin + batch_size]
         clean = run_with_edits(model, tokens, record=list(dict.fromkeys(hooks)))
         tokens = tokens.to(clean.output.device)

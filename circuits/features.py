@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import networkx as nx
 import torch
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits.engine import encode_codes, passthrough_positions
 from circuits.hooks import stop_layer, validate_hooks
@@ -86,7 +86,7 @@ def scan_features(model, dictionaries: dict[str, Dictionary], tokens: torch.Tens
     fired = {hook: torch.zeros(d.n_features, dtype=torch.float64) for hook, d in dictionaries.items()}
     summed = {hook: torch.zeros(d.n_features, dtype=torch.float64) for hook, d in dictionaries.items()}
     counted = dict.fromkeys(hooks, 0)
-    for start in tqdm(range(0, tokens.shape[0], batch_size), desc="scan features", disable=not progress):
+    for start in progress_bar(range(0, tokens.shape[0], batch_size), desc="scan features", unit="batch", enabled=progress):
         batch = tokens[start : start + batch_size].to(device)
         _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop)
         for hook, dictionary in dictionaries.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits.hooks import stop_layer, validate_hooks
 from sae.activation_store import DTYPES, ActivationStore, StoreWriter, store_settings
@@ -34,7 +34,7 @@ def harvest_activations(model, contexts: torch.Tensor, hooks: list[str], out_dir
         return ActivationStore(out_dir)
     done, total = writer.start(), contexts.shape[0]
     device = next(model.parameters()).device
-    with tqdm(total=total, initial=done, desc="harvest", unit="ctx", disable=not progress) as bar, torch.inference_mode():
+    with progress_bar(total=total, initial=done, desc="harvest", unit="ctx", enabled=progress) as bar, torch.inference_mode():
         while done < total:
             block = contexts[done : done + contexts_per_shard]
             pieces: dict[str, list[torch.Tensor]] = {hook: [] for hook in hooks}

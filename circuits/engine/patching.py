@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits.attribution import Attribution, attribution_scores
 from circuits.engine.positions import encode_codes, passthrough_positions
@@ -86,7 +86,7 @@ class CachedRun:
         self.buckets = [Bucket(rows, tokens[rows, : int(final_positions[rows].max()) + 1],
                                final_positions[rows].long()) for rows in length_buckets(final_positions)]
         logits: dict[str, list] = {"clean": [], "counterfactual": []}
-        for bucket in tqdm(self.buckets, desc="clean/counterfactual runs", disable=not progress):
+        for bucket in progress_bar(self.buckets, desc="clean/counterfactual runs", enabled=progress):
             bucket.clean, clean_logits, bucket.replay = self._full_run(bucket, bucket.tokens, capture=True)
             logits["clean"].append((bucket.rows, clean_logits))
             if counterfactual_tokens is not None:
@@ -284,7 +284,7 @@ class FeaturePatcher:
         squared = torch.zeros(k, n)
         steps = [(index, start) for index, bucket in enumerate(self.run.buckets)
                  for start in range(0, k, self._sets_per_batch(bucket, max_batch_tokens))]
-        for index, start in tqdm(steps, desc="patching", disable=not progress or len(steps) < 2):
+        for index, start in progress_bar(steps, desc="patching", enabled=progress and len(steps) >= 2):
             bucket = self.run.buckets[index]
             chunk = feature_sets[start : start + self._sets_per_batch(bucket, max_batch_tokens)]
             delta = self.code_delta(index, mode, value)

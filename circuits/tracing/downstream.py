@@ -14,7 +14,7 @@ import time
 import networkx as nx
 import torch
 import torch.autograd.forward_ad as forward_ad
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits import graph as circuit_graph
 from circuits.engine import ActivationMap, FeatureAblation, run_with_edits
@@ -110,7 +110,7 @@ def run_downstream_trace(model, dictionaries: dict[str, Dictionary], source: Fea
     total = downstream_effects(model, dictionaries, Node(source.hook, source.index), contexts, hooks, method=method)
     scores = {hook: LayerScores(hook, method, total[hook].float(), total[hook] != 0, 0.0) for hook in hooks}
     previous = [Node(source.hook, source.index)]
-    for number, hook in enumerate(tqdm(hooks, desc="trace downstream", disable=not progress)):
+    for number, hook in enumerate(progress_bar(hooks, desc="trace downstream", unit="hook", enabled=progress)):
         kept = [Node(hook, index) for index in top_features(scores[hook], top_k_per_layer)]
         for node in kept:
             circuit_graph.add_feature_node(graph, hook, layer_of_hook(hook), node.index,

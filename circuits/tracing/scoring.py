@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits.attribution import attribution_scores
 from circuits.engine import FeatureAblation, run_with_edits
@@ -111,8 +111,8 @@ class AblationScorer:
         self.error_target, self.error_nodes = 0.0, {node: 0.0 for node in nodes_above}
         evaluated = torch.zeros(n_features, dtype=torch.bool)
         per_context = self.candidates(hook)
-        bar = tqdm(total=sum(len(features) + 1 for features in per_context), desc=f"ablate {hook}", unit="row",
-                   disable=not self.progress)
+        bar = progress_bar(total=sum(len(features) + 1 for features in per_context), desc=f"ablate {hook}", unit="row",
+                           enabled=self.progress)
         for context, features in enumerate(per_context):
             evaluated[features] = True
             jobs = features.tolist() + [-1]  # -1: the error node

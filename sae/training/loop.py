@@ -37,7 +37,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from sae import io as dictionary_io
 from sae.assets import atomic_write_text
@@ -45,6 +44,7 @@ from sae.batches import BatchSource
 from sae.config import DictionaryConfig
 from sae.dictionary import Dictionary, TrainingLoss, TrainingState
 from sae.metrics import fraction_unexplained, l0, typical_token_mask
+from sae.progress import progress_bar
 from sae.registry import architecture_class, build_dictionary, is_trainable
 from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpoint, restore_checkpoint,
                                       run_fingerprint, write_checkpoint)
@@ -244,8 +244,8 @@ def train_dictionaries(source: BatchSource, configs: list[DictionaryConfig], tra
     batches = source.batches(hooks, training.batch_size, training.seed, start_batch=start_step)
 
     step = start_step
-    with tqdm(total=training.total_steps, initial=start_step, disable=not progress, desc="training SAEs",
-              unit="step") as bar:
+    with progress_bar(total=training.total_steps, initial=start_step, enabled=progress, desc="training SAEs",
+                      unit="step") as bar:
         while step < end_step:
             raw = next(batches)
             if step == 0:

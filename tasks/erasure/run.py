@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits.engine import passthrough_positions, run_with_edits
 from circuits.hooks import check_width, sorted_hooks, validate_hooks
@@ -46,7 +46,7 @@ def collect_train_statistics(model, dictionaries: dict[str, Dictionary], concept
     parts = {hook: {"final": [], "final_pass": [], "positions": [], "labels": []} for hook in hooks}
     attribution = {hook: torch.zeros(d.n_features, dtype=torch.float64) for hook, d in dictionaries.items()}
     active = {hook: torch.zeros(d.n_features, dtype=torch.bool) for hook, d in dictionaries.items()}
-    for begin in tqdm(range(0, len(prompts), batch_size), desc="fit (train split)", disable=not progress):
+    for begin in progress_bar(range(0, len(prompts), batch_size), desc="fit (train split)", unit="batch", enabled=progress):
         batch_tokens, batch_finals = tokens[begin:begin + batch_size].to(device), finals[begin:begin + batch_size]
         batch_labels = labels[begin:begin + batch_size]
         rows, final_index = torch.arange(len(batch_finals), device=device), batch_finals.to(device)
@@ -86,7 +86,7 @@ def evaluate_on_prompts(model, edits: list[Erasure], concept: Concept, start: in
     diffs, activations = [[] for _ in edits], [[] for _ in edits]
     norms = torch.zeros(len(edits), 3, dtype=torch.float64)  # summed |x' - x|, |x| and count over edited positions
     starts = range(0, len(prompts), batch_size)
-    bar = tqdm(total=len(starts) * len(edits), desc=f"evaluate ({concept.split} split)", disable=not progress)
+    bar = progress_bar(total=len(starts) * len(edits), desc=f"evaluate ({concept.split} split)", enabled=progress)
     for begin in starts:
         batch_tokens = tokens[begin:begin + batch_size].to(device)
         batch_finals = finals[begin:begin + batch_size].to(device)
@@ -120,7 +120,7 @@ def evaluate_on_text(model, edits: list[Erasure], contexts: torch.Tensor, start:
     sums = torch.zeros(len(edits), 2, dtype=torch.float64)
     clean_ce, predicted = 0.0, 0
     starts = range(0, contexts.shape[0], batch_size)
-    bar = tqdm(total=len(starts) * len(edits), desc="evaluate (held-out text)", disable=not progress)
+    bar = progress_bar(total=len(starts) * len(edits), desc="evaluate (held-out text)", enabled=progress)
     for begin in starts:
         tokens = contexts[begin:begin + batch_size].to(device)
         clean_logits = run_with_edits(model, tokens).output

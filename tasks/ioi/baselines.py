@@ -39,18 +39,17 @@ class BaselineSettings:
 def activations_for_baselines(model, hook: str, n_tokens: int, corpus, *, seed: int = 0, context_size: int = 128,
                               batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     """[n_tokens, d] activations at `hook` from the corpus train split (BOS positions left out)."""
-    from tqdm.auto import tqdm
-
     from circuits.harvest import collect_activations
     from sae.corpus import tokenize_contexts
+    from sae.progress import progress_bar
 
     n_contexts = math.ceil(n_tokens / (context_size - 1))
     contexts = tokenize_contexts(corpus, model.tokenizer, context_size, n_contexts, split="train", seed=seed)
     device = next(model.parameters()).device
     pieces = []
     with torch.inference_mode():
-        for start in tqdm(range(0, contexts.shape[0], batch_size), desc="activations for baselines",
-                          disable=not progress):
+        for start in progress_bar(range(0, contexts.shape[0], batch_size), desc="activations for baselines",
+                                  enabled=progress):
             values = collect_activations(model, contexts[start : start + batch_size].to(device), [hook])[hook]
             pieces.append(values[:, 1:].reshape(-1, values.shape[-1]).float().cpu())
     return torch.cat(pieces)[:n_tokens]

@@ -31,6 +31,7 @@ from circuits.engine import CachedRun, FeaturePatcher, check_dictionary_fits
 from circuits.metrics import KLTo, LogitDifference
 from sae.assets import atomic_write_bytes, atomic_write_text
 from sae.dictionary import Dictionary
+from sae.progress import status
 from tasks.ioi.baselines import BASELINE_NAMES
 from tasks.ioi.curves import curve_rows, format_summary, plot_curves, summary_table
 from tasks.ioi.data import generate_ioi_prompts, tokenize_ioi
@@ -96,10 +97,13 @@ def run_ioi_benchmark(model, dictionaries: dict[str, Dictionary], hook: str, n_p
     target = settings.kl_target if settings.kl_target is not None else settings.kl_target_fraction * kl_unpatched
     confirm = set(confirm) if confirm is not None else _default_confirm(dictionaries)
     curves: list[DictionaryCurve] = []
-    for name, dictionary in _progress(dictionaries.items(), progress):
+    for number, (name, dictionary) in enumerate(dictionaries.items(), start=1):
+        label = f"ioi [{number}/{len(dictionaries)}] {name}"
+        status(f"{label}: encoding and attribution ({dictionary.n_features} features) ...", progress)
         with phases("encode"):
             patcher = FeaturePatcher(run, dictionary)
-        curve = search_dictionary(name, patcher, metrics, target, settings, confirm=name in confirm)
+        curve = search_dictionary(name, patcher, metrics, target, settings, confirm=name in confirm,
+                                  progress=progress, label=label)
         curve.points.insert(0, _unpatched_point(name, kl_unpatched, performance["mean_logit_diff"]))
         for phase, seconds in curve.timings.items():
             phases.add(phase, seconds)
@@ -119,13 +123,6 @@ def run_ioi_benchmark(model, dictionaries: dict[str, Dictionary], hook: str, n_p
 def _default_confirm(dictionaries: dict[str, Dictionary]) -> set[str]:
     chosen = {name for name in dictionaries if name not in BASELINE_NAMES}
     return chosen or {next(iter(dictionaries))}
-
-
-def _progress(items, progress: bool):
-    from tqdm.auto import tqdm
-
-    items = list(items)
-    return tqdm(items, desc="dictionaries", disable=not progress) if len(items) > 1 else items
 
 
 def _unpatched_point(name: str, kl: float, logit_diff: float) -> dict:

@@ -21,6 +21,12 @@ SUMMARY_COLUMNS = ["dictionary", "features_to_reach_kl_target", "kl_target", "ar
                    "n_candidates", "spearman_kl", "spearman_logit_diff", "n_confirmed", "exact_evaluations"]
 PRINTED_COLUMNS = ["dictionary", "features_to_reach_kl_target", "kl_target", "area_under_curve",
                    "edit_norm_at_target", "best_kl", "kl_all_features", "spearman_kl", "spearman_logit_diff"]
+KL_ROUNDING = 1e-6  # a KL this far below 0 is float rounding (KL is never negative): shown as 0
+SPEARMAN_NOTE = ("note: spearman_* (rank agreement of attribution with exact single-feature patching) is NaN for "
+                 "dictionaries whose attribution was not confirmed: by default only the SAEs are checked, not the "
+                 "baselines")
+CLIPPED_KL_NOTE = (f"note: KL values less than {KL_ROUNDING:g} below 0 are float rounding (KL is never negative) and "
+                   "are shown as 0")
 
 
 def lower_envelope(points: list[dict], key: str = "n_features") -> list[tuple[float, float]]:
@@ -64,8 +70,8 @@ def summarise(curve: DictionaryCurve, target: float, kl_unpatched: float, n_max:
         "kl_target": target,
         "area_under_curve": area_under_curve(curve.points, kl_unpatched, n_max),
         "edit_norm_at_target": smallest["edit_norm"] if smallest else float("nan"),
-        "best_kl": min((point["kl"] for point in curve.points), default=float("nan")),
-        "kl_all_features": full[-1]["kl"] if full else float("nan"),
+        "best_kl": clip_kl(min((point["kl"] for point in curve.points), default=float("nan"))),
+        "kl_all_features": clip_kl(full[-1]["kl"]) if full else float("nan"),
         "kl_unpatched": kl_unpatched,
         "n_features": curve.n_features,
         "n_candidates": curve.n_candidates,
@@ -74,6 +80,11 @@ def summarise(curve: DictionaryCurve, target: float, kl_unpatched: float, n_max:
         "n_confirmed": curve.confirmation.get("n_confirmed", 0),
         "exact_evaluations": curve.evaluations,
     }
+
+
+def clip_kl(value: float) -> float:
+    """A KL value with float rounding below 0 (down to -KL_ROUNDING) shown as 0; other values unchanged."""
+    return 0.0 if -KL_ROUNDING <= value < 0 else value
 
 
 def curve_rows(curves: list[DictionaryCurve]) -> pd.DataFrame:
@@ -107,7 +118,7 @@ def plot_curves(curves: pd.DataFrame, target: float, kl_unpatched: float, title:
                 xs, ys = zip(*envelope)
                 axis.step(xs, ys, where="post", color=color, label=name, linewidth=1.8)
             shown = group[group[key] > 0]  # the unpatched run is the dotted line
-            axis.scatter(shown[key], shown["kl"], s=8, color=color, alpha=0.35)
+            axis.scatter(shown[key], shown["kl"], s=8, color=color, alpha=0.35, label="_nolegend_")
     labels = ("number of features patched", "edit magnitude (mean L2 norm of the change)")
     for axis, label in zip(axes, labels):
         axis.set_xscale("log")
@@ -117,9 +128,13 @@ def plot_curves(curves: pd.DataFrame, target: float, kl_unpatched: float, title:
         axis.set_xlabel(label)
         axis.set_ylabel("KL(patched || counterfactual)")
         axis.grid(alpha=0.3)
+    axes[0].scatter([], [], s=8, color="grey", alpha=0.35, label="each evaluated set (pale dots)")
     axes[0].legend(fontsize=8, loc="lower left")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.text(0.5, 0.01, "Lines: the lowest KL reached with at most that many features (or that edit size). "
+                "Pale dots: every feature set evaluated exactly (threshold sweep, bisection, pruning), in the "
+                "dictionary's colour.", ha="center", fontsize=7.5, color="#444444", wrap=True)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
@@ -128,4 +143,15 @@ def plot_curves(curves: pd.DataFrame, target: float, kl_unpatched: float, title:
 
 def format_summary(summary: pd.DataFrame) -> str:
     """The summary table as printed after a run."""
-    return summary[PRINTED_COLUMNS].to_string(index=False, float_format=lambda value: f"{value:.4g}")
+    lines = [summary[PRINTED_COLUMNS].to_string(index=False, float_format=lambda value: f"{value:.4g}")]
+    return "\n".join(lines + summary_notes(summary))
+
+
+def summary_notes(summary: pd.DataFrame) -> list[str]:
+    """The notes printed under the summary: why a Spearman is NaN, that tiny negative KLs were clipped."""
+    notes = []
+    if summary["spearman_kl"].isna().any():
+        notes.append(SPEARMAN_NOTE)
+    if "best_kl" in summary and (summary["best_kl"] == 0).any():
+        notes.append(CLIPPED_KL_NOTE)
+    return notes

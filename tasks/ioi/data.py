@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from sae.progress import progress_bar
 
 from circuits.engine import final_logits
 from circuits.metrics import logit_difference
@@ -345,7 +345,7 @@ def final_position_logits(model, tokens: torch.Tensor, final_positions: torch.Te
     device = _device_of(model)
     chunks = []
     starts = range(0, tokens.shape[0], batch_size)
-    for start in tqdm(starts, desc="forward", disable=not progress):
+    for start in progress_bar(starts, desc="forward", enabled=progress):
         logits = model(tokens[start : start + batch_size].to(device))  # [chunk, pos, vocab]
         chunks.append(final_logits(logits, final_positions[start : start + batch_size]).float().cpu())
     return torch.cat(chunks)
