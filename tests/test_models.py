@@ -40,3 +40,33 @@ def test_missing_gguf_file_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "model.gguf"))
 
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3", "mps", "xpu", "gpu"])
+def test_an_unavailable_device_is_an_error_listing_the_available_ones(device, monkeypatch):
+    from circuits.models import DeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(DeviceError, match=r"available(?: here)?: auto, cpu$"):
+        resolve_device(device)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+
+
+def test_a_cuda_index_beyond_the_device_count_is_refused(monkeypatch):
+    from circuits.models import DeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(DeviceError, match="'cuda:3' is not available on this machine; available: auto, cpu, cuda:0, cuda:1"):
+        resolve_device("cuda:3")
+
+
+def test_load_model_refuses_an_unavailable_device_before_loading(tiny_llama_folder, monkeypatch):
+    from circuits.models import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(DeviceError, match="not available"):
+        load_model(str(tiny_llama_folder), device="cuda")
