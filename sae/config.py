@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sae.finite import check_finite_number
+
 # Architecture names as written in cfg.json. "standard" is SAELens' name for the ReLU SAE.
 ARCHITECTURE_ALIASES = {"relu": "standard", "standard": "standard", "topk": "topk"}
 # The SAELens version whose cfg.json layout we write: SAELens reads files claiming >= 6.0 without conversion.
@@ -25,6 +27,35 @@ FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 def layer_of_hook(hook_name: str) -> int | None:  # deprecated: use circuits.hooks.layer_of_hook
     return int(match.group(1)) if (match := re.match(r"blocks\.(\d+)\.", hook_name)) else None
+
+
+class ConfigError(ValueError):
+    """A cfg.json whose fields have the wrong type or value; the message names the field."""
+
+
+# The type every cfg.json field must have (None allowed where the dataclass default is None).
+_FIELD_TYPES = {"architecture": str, "d_in": int, "d_sae": int, "hook_name": str, "model_name": str,
+                "l1_coefficient": (int, float), "k": int, "tied": bool, "apply_b_dec_to_input": bool, "dtype": str,
+                "exclude_bos": bool, "activation_scale": (int, float), "seed": int, "hook_layer": int, "extra": dict}
+_MAY_BE_NONE = {"k", "hook_layer"}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
+               (int, float): "a number"}
+
+
+def check_field_types(data: dict[str, Any]) -> None:
+    """ConfigError naming the first field of `data` whose JSON type is wrong (e.g. "d_in": "576")."""
+    for key, expected in _FIELD_TYPES.items():
+        if key not in data or (data[key] is None and key in _MAY_BE_NONE):
+            continue
+        value = data[key]
+        is_bool = isinstance(value, bool)
+        wrong = (not isinstance(value, expected) or (is_bool and expected is not bool))
+        if wrong:
+            raise ConfigError(f"cfg.json field '{key}' is {value!r} ({type(value).__name__}); expected "
+                              f"{_TYPE_NAMES[expected]}")
+    if not data.get("hook_name", "x").strip():
+        raise ConfigError("cfg.json field 'hook_name' is empty; it must name the hook point, e.g. "
+                          "blocks.12.hook_resid_post")
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,8 @@ class DictionaryConfig:
         self.architecture = ARCHITECTURE_ALIASES.get(self.architecture, self.architecture)
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        check_finite_number("l1_coefficient", self.l1_coefficient, minimum=0.0)
+        check_finite_number("activation_scale", self.activation_scale)
         if self.hook_layer is not None and self.hook_layer < 0:
             self.hook_layer = None  # SAELens writes -1 for "unknown"
 
@@ -127,6 +160,8 @@ class DictionaryConfig:
         activation_fn = data.get("activation_fn", data.get("activation_fn_str"))
         if data.get("architecture") in (None, ""):
             data["architecture"] = "topk" if activation_fn == "topk" else "standard"
+            warnings.warn(f"cfg.json has no 'architecture'; assuming '{data['architecture']}' (as SAELens does)",
+                          stacklevel=2)
         if data["architecture"] == "standard" and activation_fn == "topk":
             data["architecture"] = "topk"  # SAELens v5 wrote TopK SAEs as "standard" + activation_fn_str
         for key in ("d_in", "d_sae"):
@@ -134,6 +169,7 @@ class DictionaryConfig:
                 raise ValueError(f"cfg.json has no '{key}'; a dictionary config needs d_in and d_sae")
         if isinstance(data.get("dtype"), str):
             data["dtype"] = data["dtype"].removeprefix("torch.")
+        check_field_types(data)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {key: value for key, value in data.items() if key in known}
         kwargs.setdefault("extra", {})
@@ -145,7 +181,10 @@ class DictionaryConfig:
     @classmethod
     def load(cls, path: str | Path) -> "DictionaryConfig":
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); expected a dictionary cfg.json") from error
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise ConfigError(f"{path} is not valid JSON ({error}); expected a dictionary cfg.json") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; expected a dictionary "
+                              "cfg.json")
         return cls.from_dict(data)

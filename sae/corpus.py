@@ -46,6 +46,17 @@ class CorpusError(ValueError):
     """A corpus could not be read or is empty; the message says what to do."""
 
 
+def utf8_lines(path: Path) -> list[str]:
+    """The lines of a local corpus file; bytes that are not UTF-8 are a CorpusError naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise CorpusError(f"{path}:{line} is not UTF-8 text (byte 0x{data[error.start]:02x}); a corpus file must be "
+                          "UTF-8 text") from None
+
+
 # --------------------------------------------------------------------------- cleaning
 
 
@@ -247,18 +258,24 @@ class JsonlCorpus(Corpus):
 
     def documents(self) -> Iterator[Document]:
         for path in self.paths:
-            with open(path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise CorpusError(f"{path}:{number + 1} is not valid JSON ({error})") from error
-                    if "text" not in record:
-                        raise CorpusError(f"{path}:{number + 1} has no 'text' field; each line needs one")
-                    yield Document(str(record.get("id", f"{path.name}:{number}")),
-                                   str(record.get("source", path.stem)), record["text"])
+            for number, line in enumerate(utf8_lines(path), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise CorpusError(f"{path}:{number} is not valid JSON ({error})") from error
+                except RecursionError:
+                    raise CorpusError(f"{path}:{number} is nested too deeply to be a corpus line") from None
+                if not isinstance(record, dict):
+                    raise CorpusError(f"{path}:{number} is a JSON {type(record).__name__}, not an object; each line "
+                                      'needs to be an object with a "text" field')
+                if "text" not in record:
+                    raise CorpusError(f"{path}:{number} has no 'text' field; each line needs one")
+                if not isinstance(record["text"], str):
+                    raise CorpusError(f"{path}:{number}: 'text' is a {type(record['text']).__name__}, not a string")
+                yield Document(str(record.get("id", f"{path.name}:{number - 1}")),
+                               str(record.get("source", path.stem)), record["text"])
 
     def describe(self) -> dict:
         return self.description
@@ -272,7 +289,7 @@ class TextFilesCorpus(Corpus):
 
     def documents(self) -> Iterator[Document]:
         for path in self.paths:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = "\n".join(utf8_lines(path))
             yield from _documents_from_chunks("local", path.name, join_hard_wraps(text))
 
     def describe(self) -> dict:
@@ -309,6 +326,9 @@ def load_corpus(spec: str = "registry") -> Corpus:
                                    "sources": [path.stem for path in paths]})
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
+        if len(parts) > 3 or not all(parts):
+            raise CorpusError(f"corpus {spec!r} is not of the form hf:NAME[:SPLIT[:FIELD]] (at most three "
+                              "non-empty parts after 'hf:')")
         return HuggingFaceCorpus(*parts)
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -80,10 +80,9 @@ def test_width_mismatch_fails_before_any_compute(trained, tiny_llama_folder, tex
     cfg = json.loads((folder / "cfg.json").read_text())
     cfg["d_in"] = 48
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    code = main(["evaluate", "--model", str(tiny_llama_folder), "--corpus", str(tmp_path / "nonexistent.txt"),
-                 "--sae", str(folder)])
+    code = main(["evaluate", "--model", str(tiny_llama_folder), "--corpus", str(text_corpus), "--sae", str(folder)])
     assert code == 2
-    assert "48" in capsys.readouterr().err  # failed on the width, before even reading the corpus
+    assert "48" in capsys.readouterr().err  # failed on the width, before running the model (files: test_bad_input)
 
 
 def test_truncated_weights_are_a_clear_error(trained, tiny_llama_folder, text_corpus, tmp_path, capsys):

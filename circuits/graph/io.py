@@ -96,6 +96,8 @@ def load_graph_json(path: str | Path) -> nx.DiGraph:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise GraphFormatError(f"{path} is not a sparse-circuits graph: it is not JSON ({error})") from error
+    except RecursionError:
+        raise GraphFormatError(f"{path} is not a sparse-circuits graph: it is nested too deeply to read") from None
     try:
         return graph_from_node_link(data)
     except GraphFormatError as error:

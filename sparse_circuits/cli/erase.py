@@ -67,8 +67,14 @@ def run(args) -> dict[str, str]:
     from sae.io import load_dictionaries
     from tasks.erasure import load_concept_splits, run_erasure, validate_inputs
 
-    if not args.sae.exists():
-        raise FileNotFoundError(f"{args.sae} does not exist; pass a folder written by `sparse-circuits train`")
+    from sparse_circuits import validation
+    from tasks.erasure import read_concept_file
+
+    validation.output_folder(args.out, "--out")
+    validation.dictionary_configs(args.sae)
+    if args.concept != "gender":
+        read_concept_file(args.concept)  # every field's type, before the model loads
+    validation.checked_corpus(args.corpus)
     dictionaries = select_dictionaries(load_dictionaries(args.sae), args.layers, args.sae)
     model = load_model(args.model, device=args.device)
     splits = load_concept_splits(args.concept, model.tokenizer, seed=args.seed, n_shots_per_side=args.shots)

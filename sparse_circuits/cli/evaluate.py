@@ -28,14 +28,18 @@ def add_parser(commands) -> argparse.ArgumentParser:
 def run(args) -> None:
     from circuits.models import load_model
     from sae.assets import atomic_write_text
-    from sae.corpus import load_corpus
     from sparse_circuits.pipelines.evaluate import (check_dictionary_widths, dictionary_folders, evaluate_folders,
                                                     format_eval_table)
 
+    from sparse_circuits import validation
+
+    validation.dictionary_configs(args.sae)
+    validation.output_file(args.json, "--json")
+    corpus = validation.checked_corpus(args.corpus)
     folders = dictionary_folders(args.sae)
     model = load_model(args.model, device=args.device)
     check_dictionary_widths(model, folders)  # before reading any text or running the model
-    results = evaluate_folders(model, folders, load_corpus(args.corpus), args.tokens,
+    results = evaluate_folders(model, folders, corpus, args.tokens,
                                context_size=args.context_size, batch_size=args.batch_size)
     print(format_eval_table(results))
     if args.json:

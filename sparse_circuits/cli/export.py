@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sparse_circuits.cli.common import add_subcommand, positive_int
+from sparse_circuits.validation import fraction, nonnegative_float
 
 DESCRIPTION = """Write a saved circuit graph as svg, png, dot, graphml, html or json (default: from the
 suffix of -o). SVG and PNG use Graphviz `dot` when installed, else a built-in layout. Optionally prune
@@ -14,27 +15,16 @@ first: --threshold (min |effect|), --top-k-per-node, --influence (cumulative inf
 FORMATS = ["svg", "png", "dot", "graphml", "html", "json"]
 
 
-def influence_fraction(text: str) -> float:
-    """argparse type: a fraction in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return value
-
-
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = add_subcommand(commands, "export", help="export a circuit graph as a diagram or file",
                             description=DESCRIPTION)
     parser.add_argument("graph", type=Path, help="graph JSON written by `sparse-circuits trace`")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, help="output format (default: from the suffix of -o)")
     parser.add_argument("-o", "--output", required=True, type=Path, help="file to write")
-    parser.add_argument("--threshold", type=float, help="keep edges with |effect| at least this (default: all)")
+    parser.add_argument("--threshold", type=nonnegative_float, help="keep edges with |effect| at least this (default: all)")
     parser.add_argument("--top-k-per-node", type=positive_int,
                         help="keep each node's k strongest incoming edges (default: all)")
-    parser.add_argument("--influence", type=influence_fraction,
+    parser.add_argument("--influence", type=fraction,
                         help="keep the nodes covering this fraction of influence, in (0, 1] (default: all)")
     parser.add_argument("--shares", action="store_true",
                         help="show each edge as the share of the receiving node's activation its source supplies "
@@ -43,7 +33,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    from sparse_circuits import validation
     from sparse_circuits.pipelines.trace import export_saved_graph
+
+    validation.input_file(args.graph, "graph file")
+    validation.output_file(args.output, "-o")
 
     result, graph = export_saved_graph(args.graph, args.output, args.fmt, threshold=args.threshold,
                                        top_k_per_node=args.top_k_per_node, influence=args.influence,

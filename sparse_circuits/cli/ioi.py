@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
 from sparse_circuits.defaults import IOI_BASELINES, IOI_KL_TARGET_FRACTION, IOI_TRAIN_TOKENS
+from sparse_circuits.validation import MAX_IOI_PROMPTS, bounded_int, fraction, nonnegative_int, positive_float
 
 DESCRIPTION = """Patch features from counterfactual IOI prompts (IO name replaced) into clean ones at one hook
 point and find the smallest feature sets that reach a KL target, for an SAE and the baselines (PCA,
@@ -27,17 +28,18 @@ def add_parser(commands) -> argparse.ArgumentParser:
                                             "sits beside the SAE")
     parser.add_argument("--sae", type=Path, help="SAE folder, or a parent of several (default: cached or trained)")
     parser.add_argument("--hook", help="hook point (default: the SAE's, else blocks.{0.6 n_layers}.hook_resid_post)")
-    parser.add_argument("--prompts", type=positive_int, default=50, help="IOI prompts")
+    parser.add_argument("--prompts", type=bounded_int(MAX_IOI_PROMPTS, "prompts"), default=50,
+                        help=f"IOI prompts (at most {MAX_IOI_PROMPTS:,})")
     parser.add_argument("--baselines", default=",".join(IOI_BASELINES), help="comma-separated baselines, or 'none'")
     parser.add_argument("--baseline-tokens", type=positive_int, default=20_000,
                         help="activations the baselines are fitted on")
-    parser.add_argument("--kl-target", type=float,
+    parser.add_argument("--kl-target", type=positive_float,
                         help="absolute KL target (default: --kl-target-fraction of the unpatched KL)")
-    parser.add_argument("--kl-target-fraction", type=float, default=IOI_KL_TARGET_FRACTION,
+    parser.add_argument("--kl-target-fraction", type=fraction, default=IOI_KL_TARGET_FRACTION,
                         help="KL target as a fraction of KL(clean || counterfactual)")
-    parser.add_argument("--confirm-top", type=int, default=50,
+    parser.add_argument("--confirm-top", type=nonnegative_int, default=50,
                         help="features whose attribution is checked by exact patching (0: skip)")
-    parser.add_argument("--prune-evals", type=int, default=16, help="exact evaluations for ACDC pruning")
+    parser.add_argument("--prune-evals", type=nonnegative_int, default=16, help="exact evaluations for ACDC pruning")
     parser.add_argument("--per-prompt", action="store_true",
                         help="give each prompt its own feature set (default: one set shared by all prompts)")
     parser.add_argument("--patch-error", action="store_true",
@@ -51,6 +53,20 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args) -> None:
+    """Paths, hook, names and corpus, before the model loads."""
+    from sparse_circuits import validation
+
+    validation.output_folder(args.out, "--out")
+    if args.sae is not None:
+        validation.dictionary_configs(args.sae)
+    if args.hook is not None:
+        validation.hook_names([args.hook])
+    if args.names is not None and len([name for name in args.names.split(",") if name.strip()]) < 2:
+        raise validation.InputError(f"--names {args.names!r}: give at least two comma-separated names")
+    validation.checked_corpus(args.corpus, fetch_registry=False)  # used only when no store sits beside the SAE
+
+
 def run(args) -> None:
     from circuits.models import load_model
     from sparse_circuits.pipelines.ioi import IOIRequest, check_baseline_names, run_ioi
@@ -59,6 +75,7 @@ def run(args) -> None:
     baselines = [] if args.baselines.strip().lower() in ("", "none") else [
         name.strip() for name in args.baselines.split(",") if name.strip()]
     check_baseline_names(baselines)  # before loading the model
+    check_arguments(args)
     settings = SearchSettings(kl_target=args.kl_target, kl_target_fraction=args.kl_target_fraction,
                               confirm_top=args.confirm_top, prune_evals=args.prune_evals,
                               feature_sets="per_prompt" if args.per_prompt else "shared", patch_error=args.patch_error)

@@ -34,14 +34,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that are a user's mistake: one `error:` line, exit 2. Imported only when needed
-    (these modules import torch)."""
+    """The exceptions that are a user's mistake or the machine's state (a bad file or argument, a full disk, a
+    folder another run holds): one `error:` line, exit 2. Imported only when needed (these modules import torch).
+    OSError covers missing files, folders given as files and back, permissions and a full disk;
+    CheckpointWriteError is one; RecursionError comes from JSON nested too deeply to decode."""
     from circuits.models import ModelLoadError
     from sae.activation_store import StoreError
     from sae.assets import AssetError
     from sae.corpus import CorpusError
 
-    return ValueError, FileNotFoundError, AssetError, ModelLoadError, CorpusError, StoreError
+    errors = [ValueError, OSError, RecursionError, AssetError, ModelLoadError, CorpusError, StoreError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # an older safetensors without the public name: its errors are still ValueErrors there
+        pass
+    return tuple(errors)
+
+
+def error_line(error: BaseException) -> str:
+    """The one line printed for a user error: the message, or for a bare OSError/RecursionError what happened."""
+    if isinstance(error, RecursionError):
+        return "error: the input is nested too deeply to read (a JSON file with thousands of nested brackets?)"
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+        return f"error: {where}: {error.strerror}"
+    message = str(error) or type(error).__name__
+    return "error: " + " ".join(message.split("\n"))
 
 
 def quiet_libraries() -> None:
@@ -79,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if not isinstance(error, user_errors()):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
+from sparse_circuits.validation import nonnegative_int
 
 DESCRIPTION = """Trace which upstream features make a target fire, layer by layer, into a graph.
 The target is a dictionary feature HOOK:INDEX (HOOK:auto or auto picks an active, interpretable-looking
@@ -36,7 +37,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--contexts", type=Path,
                         help="texts to trace on: one per line (.txt) or JSONL with 'text' (default: found in the corpus)")
     parser.add_argument("--n-contexts", type=positive_int, default=20, help="contexts found in the corpus")
-    parser.add_argument("--scan-contexts", type=int, default=200,
+    parser.add_argument("--scan-contexts", type=nonnegative_int, default=200,
                         help="corpus contexts scanned to find contexts and describe features (0: none)")
     parser.add_argument("--context-size", type=positive_int, default=64, help="tokens per scanned context")
     parser.add_argument("--direct", action="store_true",
@@ -48,7 +49,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="also trace with the other method and print how well the two agree per layer "
                              "(Spearman on ablation's top 30 features); ablation is slow")
     parser.add_argument("--seed", type=int, default=0, help="seed for picking contexts")
-    parser.add_argument("--paths", type=int, default=5, help="strongest paths to print")
+    parser.add_argument("--paths", type=nonnegative_int, default=5, help="strongest paths to print")
     parser.add_argument("--out", required=True, type=Path, help="graph file to write (node-link JSON)")
     return parser
 
@@ -64,7 +65,15 @@ def run(args) -> None:
         raise ValueError("--logit-other needs --logit")
     if args.logit and not args.contexts:
         raise ValueError("a logit target needs texts to measure it on: give --contexts FILE")
+    from sparse_circuits import validation
+
+    validation.output_file(args.out, "--out")
+    validation.dictionary_configs(args.saes, "--saes")
+    if args.contexts:
+        validation.input_file(args.contexts, "contexts file")
+        validation.utf8_lines(args.contexts, "contexts file")
     texts = read_context_file(args.contexts) if args.contexts else None
+    corpus = validation.checked_corpus(args.corpus) if args.feature and args.scan_contexts > 0 else None
     started = time.time()
     device = resolve_device(args.device)
     dictionaries = load_dictionaries(args.saes, device=device)  # before the model: fail fast on bad files
@@ -74,11 +83,6 @@ def run(args) -> None:
         result = trace_logit(model, dictionaries, args.logit, args.logit_other, texts, method=args.method,
                              depth=args.depth, top_k_per_layer=args.top_k, **options)
     else:
-        corpus = None
-        if args.scan_contexts > 0:
-            from sae.corpus import load_corpus
-
-            corpus = load_corpus(args.corpus)
         result = trace_feature(model, dictionaries, args.feature, corpus=corpus, texts=texts, method=args.method,
                                depth=args.depth, top_k_per_layer=args.top_k, n_contexts=args.n_contexts,
                                scan_contexts=args.scan_contexts, context_size=args.context_size, seed=args.seed,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
 from sparse_circuits.defaults import ARCHITECTURES
+from sparse_circuits.validation import nonnegative_float, nonnegative_int, positive_float
 
 DESCRIPTION = """Harvest activations at one or more hook points in one pass (stopping after the deepest), then
 train one SAE per hook and per L1 coefficient (or k) from that harvest. Writes
@@ -20,14 +21,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--hook", action="append", required=True, metavar="HOOK",
                         help="TransformerLens hook name, e.g. blocks.12.hook_resid_post (repeat for several)")
     parser.add_argument("--tokens", type=positive_int, default=2_000_000, help="tokens to harvest")
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the harvested tokens")
+    parser.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the harvested tokens")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), default="relu",
                         help="relu: the paper's ReLU + L1 SAE; topk: k active features per token; batchtopk: k per "
                              "token on average over the batch (saved as SAELens saves it, a JumpReLU with its "
                              "threshold); jumprelu: a learned threshold per feature, L0 penalty")
     parser.add_argument("--expansion", type=positive_int, default=4, help="d_sae / d_in (the paper's R)")
-    parser.add_argument("--l1", type=float, nargs="+", default=[1e-3],
+    parser.add_argument("--l1", type=nonnegative_float, nargs="+", default=[1e-3],
                         help="sparsity coefficient(s): the L1 alpha (relu) or the L0 weight (jumprelu); several "
                              "train a sweep from one harvest")
     parser.add_argument("--k", type=positive_int, nargs="+", default=[32],
@@ -38,7 +39,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     tied.add_argument("--untied", dest="tied", action="store_false", help="separate encoder weights")
     parser.add_argument("--context-size", type=positive_int, default=128, help="tokens per harvested context")
     parser.add_argument("--batch-size", type=positive_int, default=4096, help="activations per training step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (after warm-up)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (after warm-up)")
     parser.add_argument("--activations", type=Path, metavar="DIR",
                         help="activation store to harvest into or reuse (default: OUT/activations); a complete store "
                              "harvested with the same settings for these hooks and more is reused as it is")
@@ -47,15 +48,30 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seed for context sampling, initialisation and batches")
-    parser.add_argument("--evaluate-tokens", type=int, default=0,
+    parser.add_argument("--evaluate-tokens", type=nonnegative_int, default=0,
                         help="after training, evaluate on this many held-out tokens (0: skip)")
     return parser
+
+
+MAX_EPOCHS = 1_000
+
+
+def check_arguments(args):
+    """Every argument and input file, before the model loads; returns the corpus."""
+    from sparse_circuits import validation
+
+    if args.epochs > MAX_EPOCHS:
+        raise validation.InputError(f"--epochs {args.epochs:g} is more than {MAX_EPOCHS:,} passes; give fewer epochs "
+                                    "or harvest more --tokens")
+    validation.output_folder(args.out, "--out")
+    validation.output_folder(args.activations, "--activations")
+    validation.hook_names(args.hook)
+    return validation.checked_corpus(args.corpus)
 
 
 def run(args) -> None:
     from circuits.hooks import validate_hooks
     from circuits.models import load_model
-    from sae.corpus import load_corpus
     from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
     from sparse_circuits.pipelines.train import TrainRequest, train_on_model
 
@@ -65,9 +81,9 @@ def run(args) -> None:
         context_size=args.context_size, batch_size=args.batch_size, lr=args.lr, store_dtype=args.store_dtype,
         seed=args.seed, checkpoint_every=args.checkpoint_every, resample_dead=args.resample_dead,
         activations_dir=args.activations)
+    corpus = check_arguments(args)
     model = load_model(args.model, device=args.device)
     validate_hooks(model, args.hook)
-    corpus = load_corpus(args.corpus)
     results = train_on_model(model, corpus, request, args.out)
     for result in results:
         metrics = result.metrics
