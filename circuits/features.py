@@ -258,6 +258,7 @@ def annotate_feature_nodes(graph: nx.DiGraph, model, dictionaries: dict[str, Dic
     """Fill each feature node's top_tokens, contexts (from `scan`, when given) and promoted /
     suppressed tokens (its direct logit effect); returns the same graph."""
     tokenizer = model.tokenizer
+    graph.graph.setdefault("n_layers", int(model.cfg.n_layers))  # pages mark middle-layer logit effects as such
     for node, data in graph.nodes(data=True):
         if data.get("kind") != "feature" or data.get("hook") not in dictionaries:
             continue

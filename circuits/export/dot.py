@@ -3,8 +3,11 @@ positive and red for negative effects, thicker for larger |effect|; all text sho
 
 from __future__ import annotations
 
+import html
+
 import networkx as nx
 
+from circuits.export.legend import legend_rows
 from circuits.export.style import (NODE_COLOURS, TARGET_BORDER, diagram_title, edge_colour, edge_scale, edge_tooltip,
                                    layer_rows, node_lines, node_tooltip)
 from circuits.graph import sorted_edges, sorted_nodes, validate_graph
@@ -16,7 +19,7 @@ def to_dot(graph: nx.DiGraph) -> str:
     names = {node: f"n{number}" for number, node in enumerate(sorted_nodes(graph))}
     lines = ["digraph circuit {",
              f'  graph [rankdir=BT, ranksep=0.5, nodesep=0.25, charset="UTF-8", fontname="Helvetica", '
-             f'fontsize=12, labelloc=t, label={_dot_string(diagram_title(graph))}];',
+             f'fontsize=12, labelloc=t, labeljust=l, label={_dot_title_and_legend(graph)}];',
              '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, margin="0.10,0.04"];',
              "  edge [arrowsize=0.6];"]
     rows = layer_rows(graph)
@@ -38,6 +41,28 @@ def to_dot(graph: nx.DiGraph) -> str:
                      f"penwidth={0.6 + 4.4 * scale(effect):.2f}, tooltip={_dot_string(tooltip)}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _dot_title_and_legend(graph: nx.DiGraph) -> str:
+    """An HTML-like graph label: the title, then the legend (circuits.export.legend) as a table of swatches
+    and text. Every piece of text is escaped for HTML-like labels."""
+    cells = [f'<TR><TD COLSPAN="2" ALIGN="LEFT"><B>{_html_text(diagram_title(graph))}</B></TD></TR>']
+    for row in legend_rows(graph):
+        if row.swatch == "node":
+            swatch = (f'<TD BGCOLOR="{row.fill}" COLOR="{row.border}" BORDER="1" STYLE="{"dashed" if row.dashed else "rounded"}"'
+                      ' WIDTH="30"> </TD>')
+        elif row.swatch == "edge":
+            weight = "B" if row.width > 3 else "I"
+            swatch = f'<TD><FONT COLOR="{row.colour}"><{weight}>━━━</{weight}></FONT></TD>'
+        else:
+            swatch = "<TD></TD>"
+        cells.append(f'<TR>{swatch}<TD ALIGN="LEFT"><FONT POINT-SIZE="10">{_html_text(row.text)}</FONT></TD></TR>')
+    return '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="3" CELLPADDING="1">' + "".join(cells) + "</TABLE>>"
+
+
+def _html_text(text: str) -> str:
+    """Text for a Graphviz HTML-like label: markup characters escaped, line breaks shown as spaces."""
+    return html.escape(" ".join(text.split()), quote=True)
 
 
 def _dot_string(text: str) -> str:

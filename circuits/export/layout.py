@@ -13,7 +13,7 @@ from circuits.export.style import diagram_title, layer_rows, node_lines
 from circuits.graph import sorted_edges
 
 FONT_SIZE = 11.0
-_CHAR_WIDTH = 6.7  # of the monospace font at FONT_SIZE, in px
+CHAR_WIDTH = 6.7  # of the monospace font at FONT_SIZE, in px
 LINE_HEIGHT = 14.0
 _PAD_X, PAD_Y = 8.0, 5.0
 _GAP_X, _ROW_GAP = 16.0, 56.0
@@ -41,7 +41,7 @@ _WAYPOINT_WIDTH = 10.0  # the room a layer-skipping edge takes in each row it cr
 
 
 def _text_width(text: str) -> float:
-    return _CHAR_WIDTH * sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+    return CHAR_WIDTH * sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def layered_layout(graph: nx.DiGraph) -> Layout:

@@ -6,8 +6,9 @@ import io
 
 import networkx as nx
 
-from circuits.export.layout import (FONT_SIZE, LINE_HEIGHT, MARGIN, PAD_Y, edge_segments, edges_weakest_first,
-                                    layered_layout)
+from circuits.export.layout import (CHAR_WIDTH, FONT_SIZE, LINE_HEIGHT, MARGIN, PAD_Y, edge_segments,
+                                    edges_weakest_first, layered_layout)
+from circuits.export.legend import ROW_HEIGHT, SWATCH_WIDTH, legend_height, legend_rows, legend_width
 from circuits.export.style import NODE_COLOURS, TARGET_BORDER, diagram_title, edge_colour, edge_scale
 from circuits.graph import sorted_nodes, validate_graph
 
@@ -21,11 +22,13 @@ def layered_png(graph: nx.DiGraph) -> bytes:
 
     validate_graph(graph)
     layout = layered_layout(graph)
-    figure = Figure(figsize=(layout.width / 100, layout.height / 100), dpi=100)
+    width = max(layout.width, 2 * MARGIN + legend_width(graph, CHAR_WIDTH))
+    height = layout.height + legend_height(graph)
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_axes((0, 0, 1, 1))
-    axes.set_xlim(0, layout.width)
-    axes.set_ylim(layout.height, 0)
+    axes.set_xlim(0, width)
+    axes.set_ylim(height, 0)
     axes.axis("off")
     px_to_pt = 72 / 100  # px at 100 dpi -> points
     text_style = {"family": "DejaVu Sans Mono", "parse_math": False}
@@ -57,7 +60,28 @@ def layered_png(graph: nx.DiGraph) -> bytes:
             axes.text(box.x + box.width / 2, box.y + PAD_Y + LINE_HEIGHT * (line + 0.5), text, ha="center",
                       va="center", fontsize=FONT_SIZE * px_to_pt, weight="bold" if line == 0 else "normal",
                       **text_style)
+    _draw_legend(axes, graph, layout.height, text_style, px_to_pt)
     buffer = io.BytesIO()
-    dpi = 100 * min(1.5, 20000 / max(layout.width, layout.height))  # Agg caps images at 2**16 px a side
+    dpi = 100 * min(1.5, 20000 / max(width, height))  # Agg caps images at 2**16 px a side
     figure.savefig(buffer, format="png", dpi=dpi, facecolor="white", metadata={"Software": None})
     return buffer.getvalue()
+
+
+def _draw_legend(axes, graph: nx.DiGraph, top: float, text_style: dict, px_to_pt: float) -> None:
+    """The legend under the diagram (circuits.export.legend), as in the built-in SVG."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyBboxPatch
+
+    axes.text(MARGIN, top + ROW_HEIGHT, "Legend", fontsize=FONT_SIZE * px_to_pt, weight="bold", va="baseline",
+              **text_style)
+    for number, row in enumerate(legend_rows(graph), start=2):
+        middle = top + ROW_HEIGHT * number - 4
+        if row.swatch == "node":
+            axes.add_patch(FancyBboxPatch((MARGIN, middle - 6), SWATCH_WIDTH, 12, boxstyle="round,pad=0,rounding_size=3",
+                                          facecolor=row.fill, edgecolor=row.border, linewidth=1.5 * px_to_pt,
+                                          linestyle="--" if row.dashed else "-"))
+        elif row.swatch == "edge":
+            axes.add_line(Line2D([MARGIN, MARGIN + SWATCH_WIDTH], [middle, middle], color=row.colour,
+                                 linewidth=row.width * px_to_pt))
+        axes.text(MARGIN + SWATCH_WIDTH + 10, middle, row.text, fontsize=FONT_SIZE * px_to_pt, color="#333333",
+                  va="center", **text_style)

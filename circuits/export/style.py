@@ -13,6 +13,7 @@ NEGATIVE_COLOUR = "#b2182b"  # red
 NODE_COLOURS = {"feature": ("#e8f0fb", "#4a6fa5"), "error": ("#e0e0e0", "#7f7f7f"),
                 "token": ("#fff4d6", "#b08d2e"), "output": ("#fde2cf", "#c0504d")}
 TARGET_BORDER = "#c0504d"
+ERROR_TERM = "error term: the part of the activation the dictionary does not reconstruct"
 
 
 def diagram_title(graph: nx.DiGraph) -> str:
@@ -37,6 +38,8 @@ def node_lines(graph: nx.DiGraph, node: str) -> list[str]:
 
 def node_tooltip(graph: nx.DiGraph, node: str) -> str:
     data = graph.nodes[node]
+    if data["kind"] == "error":
+        return f"{printable(node)}\n{ERROR_TERM}"
     return f"{printable(node)}\nactivation {float(data.get('activation', 0.0)):.4g}"
 
 

@@ -6,8 +6,10 @@ import html
 
 import networkx as nx
 
-from circuits.export.layout import (FONT_FAMILY, FONT_SIZE, LINE_HEIGHT, MARGIN, PAD_Y, Box, edge_segments,
-                                    edges_weakest_first, layered_layout)
+from circuits.export.layout import (CHAR_WIDTH, FONT_FAMILY, FONT_SIZE, LINE_HEIGHT, MARGIN, PAD_Y, Box,
+                                    edge_segments, edges_weakest_first, layered_layout)
+from circuits.export.legend import (ROW_HEIGHT, SWATCH_WIDTH, LegendRow, legend_height, legend_rows,
+                                    legend_width)
 from circuits.export.style import (NEGATIVE_COLOUR, NODE_COLOURS, POSITIVE_COLOUR, TARGET_BORDER, diagram_title,
                                    edge_colour, edge_scale, edge_tooltip, node_tooltip)
 from circuits.graph import sorted_nodes, validate_graph
@@ -22,7 +24,8 @@ def layered_svg(graph: nx.DiGraph) -> str:
     validate_graph(graph)
     layout = layered_layout(graph)
     index = {node: number for number, node in enumerate(sorted_nodes(graph))}
-    width, height = f"{layout.width:.0f}", f"{layout.height:.0f}"
+    full_width = max(layout.width, 2 * MARGIN + legend_width(graph, CHAR_WIDTH))
+    width, height = f"{full_width:.0f}", f"{layout.height + legend_height(graph):.0f}"
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="circuit" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="{FONT_FAMILY}" font-size="{FONT_SIZE:g}">',
              "<defs>" + _svg_marker("arrow-positive", POSITIVE_COLOUR) + _svg_marker("arrow-negative", NEGATIVE_COLOUR)
@@ -42,6 +45,7 @@ def layered_svg(graph: nx.DiGraph) -> str:
                      f'stroke-opacity="0.75" marker-end="url(#{marker})">'
                      f"<title>{html.escape(edge_tooltip(graph, source, target))}</title></path>")
     parts += [_svg_node(graph, node, index[node], layout.boxes[node]) for node in sorted_nodes(graph)]
+    parts += _svg_legend(graph, layout.height)
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -67,7 +71,31 @@ def _svg_header(graph: nx.DiGraph) -> list[str]:
             f'<text x="{MARGIN + 30:g}" y="{legend_y:g}" fill="#444444">positive effect</text>',
             f'<line x1="{MARGIN + 160:g}" y1="{legend_y - 4:g}" x2="{MARGIN + 184:g}" y2="{legend_y - 4:g}" '
             f'stroke="{NEGATIVE_COLOUR}" stroke-width="3"/>',
-            f'<text x="{MARGIN + 190:g}" y="{legend_y:g}" fill="#444444">negative effect</text>']
+            f'<text x="{MARGIN + 190:g}" y="{legend_y:g}" fill="#444444">negative effect</text>',
+            f'<text x="{MARGIN + 330:g}" y="{legend_y:g}" fill="#777777">(legend below)</text>']
+
+
+def _svg_legend(graph: nx.DiGraph, top: float) -> list[str]:
+    """The legend block under the diagram (circuits.export.legend): a heading, then a swatch and text per row."""
+    parts = [f'<g class="legend"><text x="{MARGIN:g}" y="{top + ROW_HEIGHT:.1f}" font-weight="bold" '
+             'fill="#222222">Legend</text>']
+    for number, row in enumerate(legend_rows(graph), start=2):
+        middle = top + ROW_HEIGHT * number - 4
+        parts.append(_svg_swatch(row, middle))
+        parts.append(f'<text x="{MARGIN + SWATCH_WIDTH + 10:g}" y="{middle + 4:.1f}" fill="#333333">'
+                     f"{html.escape(row.text)}</text>")
+    return parts + ["</g>"]
+
+
+def _svg_swatch(row: LegendRow, middle: float) -> str:
+    if row.swatch == "node":
+        dash = ' stroke-dasharray="4 2"' if row.dashed else ""
+        return (f'<rect x="{MARGIN:g}" y="{middle - 6:.1f}" width="{SWATCH_WIDTH:g}" height="12" rx="3" '
+                f'fill="{row.fill}" stroke="{row.border}" stroke-width="1.5"{dash}/>')
+    if row.swatch == "edge":
+        return (f'<line x1="{MARGIN:g}" y1="{middle:.1f}" x2="{MARGIN + SWATCH_WIDTH:g}" y2="{middle:.1f}" '
+                f'stroke="{row.colour}" stroke-width="{row.width:g}"/>')
+    return ""
 
 
 def _svg_node(graph: nx.DiGraph, node: str, number: int, box: Box) -> str:

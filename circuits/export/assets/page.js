@@ -17,10 +17,16 @@
   function signed(value) { return (value >= 0 ? "+" : "") + Number(value).toPrecision(3); }
   function shownToken(token) { return String(token).replace(/\n/g, "\u21b5\n"); }
 
+  var ERROR_TERM = "error term: the part of the activation at this hook that the dictionary does not " +
+    "reconstruct, kept as a node so that the circuit stays exact";
+  var DIRECT_EFFECT = "Direct effect through the unembedding only. This feature sits in layer ";
   function facts(node) {
     var list = element("dl", "facts");
-    [["id", node.id], ["kind", node.kind], ["hook", node.hook], ["layer", node.layer], ["index", node.index],
-     ["activation", node.activation === undefined ? "" : Number(node.activation).toPrecision(4)],
+    var isError = node.kind === "error";
+    [["id", node.id], ["kind", isError ? ERROR_TERM : node.kind], ["hook", node.hook], ["layer", node.layer],
+     ["index", isError ? "" : node.index],
+     ["activation", node.activation === undefined || isError ? "" : Number(node.activation).toPrecision(4)],
+     ["effect on target", node.effect_on_target === undefined ? "" : signed(node.effect_on_target)],
      ["label", node.label]].forEach(function (pair) {
       if (pair[1] === undefined || pair[1] === "") { return; }
       list.appendChild(element("dt", null, pair[0]));
@@ -28,9 +34,10 @@
     });
     return list;
   }
-  function tokenChips(title, tokens) {
+  function tokenChips(title, tokens, note) {
     var section = element("section", "tokens");
     section.appendChild(element("h3", null, title));
+    if (note) { section.appendChild(element("p", "caveat", note)); }
     (tokens || []).forEach(function (token) { section.appendChild(element("span", "chip", JSON.stringify(token))); });
     return section;
   }
@@ -49,6 +56,12 @@
       });
     return section;
   }
+  function directEffectNote(node) {
+    var layers = Number(data.graph.n_layers);
+    if (!(layers > 0) || !(node.layer < layers - 2)) { return ""; }
+    return DIRECT_EFFECT + node.layer + " of " + layers + ", far from the output: later layers transform what " +
+      "it writes, so these tokens say little about its role.";
+  }
   function contextRow(context) {
     var row = element("div", "context");
     row.appendChild(element("span", "context-activation", Number(context.activation).toPrecision(3)));
@@ -65,8 +78,12 @@
     details.setAttribute("data-node", node.id);
     details.appendChild(element("h2", null, node.description));
     details.appendChild(facts(node));
-    [["Fires most on", node.top_tokens], ["Promotes", node.promoted_tokens], ["Suppresses", node.suppressed_tokens]]
-      .forEach(function (pair) { if (pair[1] && pair[1].length) { details.appendChild(tokenChips(pair[0], pair[1])); } });
+    [["Fires most on", node.top_tokens], ["Promotes (direct logit effect)", node.promoted_tokens, true],
+     ["Suppresses (direct logit effect)", node.suppressed_tokens, true]].forEach(function (entry) {
+      if (entry[1] && entry[1].length) {
+        details.appendChild(tokenChips(entry[0], entry[1], entry[2] ? directEffectNote(node) : ""));
+      }
+    });
     details.appendChild(edgeList("Inputs", incoming[index], "source"));
     details.appendChild(edgeList("Outputs", outgoing[index], "target"));
     if (node.contexts && node.contexts.length) {
