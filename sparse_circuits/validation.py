@@ -191,7 +191,7 @@ def checked_corpus(spec: str, fetch_registry: bool = True):
         raise CorpusError(f"--corpus {spec!r} does not exist; give 'registry', a .txt/.jsonl file or folder, or "
                           "hf:NAME[:SPLIT[:FIELD]]")
     corpus = load_corpus(spec)
-    if not any(True for _ in corpus.documents()):
+    if sum(1 for _ in corpus.documents()) == 0:  # every line read: a bad one is reported now
         raise CorpusError(f"--corpus {spec} holds no text")
     return corpus
 
