@@ -15,6 +15,8 @@ from sae.progress import progress_bar
 
 from circuits.hooks import stop_layer, validate_hooks
 from sae.activation_store import DTYPES, ActivationStore, StoreWriter, store_settings
+from sae.finite import check_finite_rows
+from sae.locking import folder_lock
 
 
 def collect_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
@@ -26,9 +28,20 @@ def collect_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[s
 def harvest_activations(model, contexts: torch.Tensor, hooks: list[str], out_dir: str | Path, dtype: str = "float16",
                         *, batch_size: int = 16, exclude_bos: bool = True, contexts_per_shard: int = 256,
                         model_name: str = "", metadata: dict | None = None, progress: bool = True) -> ActivationStore:
-    """Run `model` over `contexts` [n, ctx] and store activations at `hooks` (resumes a partial store)."""
+    """Run `model` over `contexts` [n, ctx] and store activations at `hooks` (resumes a partial store).
+
+    The store folder is locked while harvesting (sae.locking): a second harvest into it is refused."""
     settings = store_settings(model_name, hooks, dtype, contexts.shape[1], exclude_bos)
     validate_hooks(model, hooks)
+    with folder_lock(out_dir):
+        return _harvest_in_locked_folder(model, contexts, hooks, out_dir, dtype, settings=settings,
+                                         batch_size=batch_size, exclude_bos=exclude_bos,
+                                         contexts_per_shard=contexts_per_shard, metadata=metadata, progress=progress)
+
+
+def _harvest_in_locked_folder(model, contexts: torch.Tensor, hooks: list[str], out_dir: str | Path, dtype: str, *,
+                              settings: dict, batch_size: int, exclude_bos: bool, contexts_per_shard: int,
+                              metadata: dict | None, progress: bool) -> ActivationStore:
     writer = StoreWriter(out_dir, settings, contexts.shape[0], metadata)
     if writer.complete_superset():
         return ActivationStore(out_dir)
@@ -42,7 +55,11 @@ def harvest_activations(model, contexts: torch.Tensor, hooks: list[str], out_dir
                 batch = block[start : start + batch_size].to(device)
                 for hook, value in collect_activations(model, batch, hooks).items():
                     value = value[:, 1:] if exclude_bos else value
-                    pieces[hook].append(value.reshape(-1, value.shape[-1]).to("cpu", DTYPES[dtype]))
+                    stored = value.reshape(-1, value.shape[-1]).to("cpu", DTYPES[dtype])
+                    first = done + start  # checked as stored: float16 can overflow to inf
+                    check_finite_rows(stored, f"harvesting contexts {first}-{first + batch.shape[0] - 1} of "
+                                              f"{total}, hook '{hook}' (no shard of them was written)")
+                    pieces[hook].append(stored)
                 bar.update(batch.shape[0])
             writer.write({hook: torch.cat(parts).contiguous() for hook, parts in pieces.items()}, done, block.shape[0])
             done += block.shape[0]

@@ -85,18 +85,32 @@ def _complete_superset(out_dir: Path, settings: dict, n_contexts: int, metadata:
     return bool(manifest.get("complete")) and same and covers and harvested == n_contexts and same_text
 
 
+def _differences(manifest: dict, settings: dict, n_contexts: int, metadata: dict | None) -> list[str]:
+    """What an existing store was made with that differs from this request ("context count 620, not 310")."""
+    wanted = {**settings, "n_contexts_requested": n_contexts}
+    if metadata is not None:
+        wanted["metadata"] = json.loads(json.dumps(metadata))
+    names = {"n_contexts_requested": "context count (from --tokens)", "metadata": "corpus and seed"}
+    return [f"{names.get(key, key)} {manifest.get(key)!r}, not {value!r}" for key, value in wanted.items()
+            if manifest.get(key) != value]
+
+
 def _load_or_start_manifest(out_dir: Path, settings: dict, n_contexts: int, metadata: dict | None) -> dict:
+    """Resume the store's manifest when it was made for exactly this request, else refuse (StoreError).
+
+    The context count and the corpus/seed are part of the request: a store of 40k tokens never silently
+    serves a request for 20k (training sizes itself from the store), nor is extended with other text."""
+    for stray in out_dir.glob(".shard_*"):  # leftovers of an interrupted write
+        stray.unlink()
     path = out_dir / MANIFEST
     if path.exists():
         manifest = json.loads(path.read_text())
-        existing = {key: manifest.get(key) for key in settings}
-        if existing != settings:
-            raise StoreError(f"{out_dir} already holds a store made with {existing}, not {settings}; "
-                             "use another folder or delete it")
-        manifest["n_contexts_requested"] = n_contexts
+        differences = _differences(manifest, settings, n_contexts, metadata)
+        if differences:
+            raise StoreError(f"{out_dir} already holds an activation store made with other settings: "
+                             f"{'; '.join(differences)}. Use another folder (--out or --activations), or delete "
+                             "it to harvest again")
         manifest["complete"] = False
-        for stray in out_dir.glob(".shard_*"):  # leftovers of an interrupted write
-            stray.unlink()
         return manifest
     return {**settings, "d_in": {}, "shards": [], "complete": False, "n_contexts_requested": n_contexts,
             "metadata": metadata or {}}

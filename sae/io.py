@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import struct
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -110,21 +113,51 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 # dictionary folders
 
 
-def save_dictionary(dictionary: Dictionary, folder: str | Path) -> Path:
-    """Write `folder/sae_weights.safetensors` (float32) and `folder/cfg.json` in SAELens' layout, atomically.
+def save_dictionary(dictionary: Dictionary, folder: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write `folder/sae_weights.safetensors` (float32) and `folder/cfg.json` in SAELens' layout (plus
+    `extra_files`, {name: text}), atomically as a whole: into a temporary folder beside it, then renamed.
 
-    The architecture decides what is written (`saelens_tensors`, `saelens_cfg`): a BatchTopK SAE, for
-    one, is written as SAELens writes it, a JumpReLU SAE with its global threshold."""
+    A kill leaves either the old folder or the new one, never weights without cfg.json; an existing folder
+    is replaced (with whatever else it held: an eval.json of old weights is stale). The architecture decides
+    what is written (`saelens_tensors`, `saelens_cfg`): a BatchTopK SAE, for one, is written as SAELens
+    writes it, a JumpReLU SAE with its global threshold."""
     if not hasattr(dictionary, "saelens_tensors"):
         raise TypeError(f"{type(dictionary).__name__} has no saelens_tensors(); only SAE-layout dictionaries "
                         "(sae.dictionary.SparseAutoencoder) can be saved")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous().clone()
                for name, tensor in dictionary.saelens_tensors().items()}
-    write_tensor_file(tensors, folder / WEIGHTS_FILE)
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(dictionary.saelens_cfg(), indent=2, sort_keys=True) + "\n")
+    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        write_tensor_file(tensors, temporary / WEIGHTS_FILE)
+        files = {CONFIG_FILE: json.dumps(dictionary.saelens_cfg(), indent=2, sort_keys=True) + "\n",
+                 **(extra_files or {})}
+        for name, text in files.items():
+            atomic_write_text(temporary / name, text)
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes 0700; results are meant to be shared
+        _replace_folder(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     return folder
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put the complete folder `new` at `folder`: a rename, after moving an existing one aside."""
+    if folder.is_dir() and not folder.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old.tmp"))
+        os.replace(folder, old)  # the empty placeholder is replaced by the old folder
+        os.replace(new, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, folder)
 
 
 def _torch_dtype(name: str) -> torch.dtype:

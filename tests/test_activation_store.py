@@ -50,6 +50,7 @@ def test_resume_after_interruption_gives_the_same_store(tiny_llama, tmp_path):
     harvest_activations(tiny_llama, contexts[:6], hooks, tmp_path / "part", contexts_per_shard=3, progress=False)
     manifest = json.loads((tmp_path / "part" / "manifest.json").read_text())
     manifest["complete"] = False
+    manifest["n_contexts_requested"] = 10  # a harvest of all 10, killed after 6
     (tmp_path / "part" / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "part" / ".shard_00002.safetensors.tmp").write_bytes(b"half-written")
     resumed = harvest_activations(tiny_llama, contexts, hooks, tmp_path / "part", contexts_per_shard=3, progress=False)
@@ -62,8 +63,25 @@ def test_resume_after_interruption_gives_the_same_store(tiny_llama, tmp_path):
 def test_store_with_other_settings_is_refused(tiny_llama, tmp_path):
     contexts = _contexts(n=4)
     harvest_activations(tiny_llama, contexts, ["blocks.1.hook_resid_post"], tmp_path, progress=False)
-    with pytest.raises(StoreError, match="already holds a store"):
+    with pytest.raises(StoreError, match="already holds an activation store made with other settings: hooks"):
         harvest_activations(tiny_llama, contexts, ["blocks.2.hook_resid_post"], tmp_path, progress=False)
+
+
+def test_a_store_of_another_token_budget_or_corpus_is_refused_not_reused(tiny_llama, tmp_path):
+    """A complete store of 8 contexts never silently serves a request for 4 (training sizes itself from the
+    store, so `train --tokens 20000` after 40000 would return the old dictionary), nor is extended with other text."""
+    hooks = ["blocks.1.hook_resid_post"]
+    harvest_activations(tiny_llama, _contexts(n=8), hooks, tmp_path, metadata={"corpus": "a", "seed": 0},
+                        progress=False)
+    with pytest.raises(StoreError, match=r"context count \(from --tokens\) 8, not 4\. Use another folder"):
+        harvest_activations(tiny_llama, _contexts(n=4), hooks, tmp_path, metadata={"corpus": "a", "seed": 0},
+                            progress=False)
+    with pytest.raises(StoreError, match=r"corpus and seed \{'corpus': 'a', 'seed': 0\}, not \{'corpus': 'b'"):
+        harvest_activations(tiny_llama, _contexts(n=8), hooks, tmp_path, metadata={"corpus": "b", "seed": 0},
+                            progress=False)
+    again = harvest_activations(tiny_llama, _contexts(n=8), hooks, tmp_path, metadata={"corpus": "a", "seed": 0},
+                                progress=False)
+    assert again.complete and sum(shard["n_contexts"] for shard in again.shards) == 8
 
 
 @pytest.mark.parametrize("budget", [1 << 30, 1])  # whole store in memory / one shard at a time
@@ -109,9 +127,9 @@ def test_a_complete_store_serves_a_subset_of_its_hooks(tiny_llama, tmp_path):
                                  metadata={"seed": 0})
     assert sorted(path.stat().st_mtime_ns for path in tmp_path.glob("shard_*")) == before
     assert subset.hooks == hooks and subset.d_in(hooks[1]) == tiny_llama.cfg.d_model
-    with pytest.raises(StoreError, match="already holds a store"):
+    with pytest.raises(StoreError, match="already holds an activation store made with other settings"):
         harvest_activations(tiny_llama, contexts, hooks[1:], tmp_path, dtype="float16", progress=False,
                             metadata={"seed": 0})
-    with pytest.raises(StoreError, match="already holds a store"):
+    with pytest.raises(StoreError, match="already holds an activation store made with other settings"):
         harvest_activations(tiny_llama, contexts, hooks[1:], tmp_path, dtype="float32", progress=False,
                             metadata={"seed": 1})

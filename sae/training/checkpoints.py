@@ -90,6 +90,17 @@ def write_checkpoint(out_dir: Path, step: int, scales: dict[str, float], trainee
     return final
 
 
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove what a killed run left half-written: `checkpoints/.step_*.tmp` folders and the `.*.tmp`
+    files or folders of dictionary writes (call it while holding the folder's lock)."""
+    out_dir = Path(out_dir)
+    for stray in [*(out_dir / CHECKPOINT_FOLDER).glob(".step_*.tmp"), *out_dir.glob(".*.tmp"), *out_dir.glob("*/.*.tmp")]:
+        if stray.is_dir():
+            shutil.rmtree(stray, ignore_errors=True)
+        else:
+            stray.unlink(missing_ok=True)
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     complete = [path for path in sorted((Path(out_dir) / CHECKPOINT_FOLDER).glob("step_*"))
                 if (path / "state.json").is_file()]

@@ -23,10 +23,15 @@ gave L0 58 / FVU 0.60 on held-out typical tokens, leaving them out L0 30 / FVU 0
 through unedited, as it does BOS (circuits.engine.passthrough_positions).
 
 Checkpoints (sae/training/checkpoints.py) make a resumed run equal bit for bit to an uninterrupted one.
+
+Non-finite values. Every batch's activations, every step's loss and every weight after the step are checked:
+a NaN or infinity raises NonFiniteError naming the step, the SAE and the hook, before any checkpoint or
+dictionary is written from that state, so the last good checkpoint is what a rerun resumes from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,15 +44,16 @@ import pandas as pd
 import torch
 
 from sae import io as dictionary_io
-from sae.assets import atomic_write_text
 from sae.batches import BatchSource
 from sae.config import DictionaryConfig
 from sae.dictionary import Dictionary, TrainingLoss, TrainingState
+from sae.finite import NonFiniteError, check_finite_rows
 from sae.metrics import fraction_unexplained, l0, typical_token_mask
 from sae.progress import progress_bar
 from sae.registry import architecture_class, build_dictionary, is_trainable
-from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpoint, restore_checkpoint,
-                                      run_fingerprint, write_checkpoint)
+from sae.locking import folder_lock
+from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpoint, remove_stale_temporaries,
+                                      restore_checkpoint, run_fingerprint, write_checkpoint)
 from sae.training.config import TrainingConfig
 from sae.training.resampling import resample_dead_features, resampling_generator
 
@@ -197,9 +203,8 @@ def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, train
     final.cfg.extra = {**final.cfg.extra, "trained_steps": step, "trained_tokens": step * training.batch_size,
                        "training_complete": step >= training.total_steps,
                        "training": json.loads(json.dumps(dataclasses.asdict(training)))}
-    folder = dictionary_io.save_dictionary(final, out_dir / trainee.name)
     log = pd.DataFrame(trainee.log_rows, columns=LOG_COLUMNS)
-    atomic_write_text(folder / LOG_FILE, log.to_csv(index=False))
+    folder = dictionary_io.save_dictionary(final, out_dir / trainee.name, extra_files={LOG_FILE: log.to_csv(index=False)})
     metrics = dict(trainee.log_rows[-1]) if trainee.log_rows else {}
     metrics["activation_scale"] = scale
     return TrainResult(trainee.name, folder, metrics, final)
@@ -226,7 +231,18 @@ def train_dictionaries(source: BatchSource, configs: list[DictionaryConfig], tra
 
     Writes `out_dir/<name>/` (sae_weights.safetensors, cfg.json, training_log.csv) per SAE and
     checkpoints under `out_dir/checkpoints/`. `stop_after_steps` stops early after checkpointing.
+    `out_dir` is locked for the run (sae.locking: a second writer is refused), and what a killed run left
+    half-written there is removed first.
     """
+    with folder_lock(out_dir):
+        remove_stale_temporaries(Path(out_dir))
+        return _train_in_locked_folder(source, configs, training, out_dir, names=names, progress=progress,
+                                       stop_after_steps=stop_after_steps, device=device)
+
+
+def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig], training: TrainingConfig,
+                            out_dir: str | Path, *, names: list[str] | None, progress: bool,
+                            stop_after_steps: int | None, device: str | torch.device) -> list[TrainResult]:
     names = list(names) if names is not None else default_names(configs)
     _check_inputs(source, configs, names)
     if stop_after_steps is not None and stop_after_steps < 1:
@@ -245,9 +261,9 @@ def train_dictionaries(source: BatchSource, configs: list[DictionaryConfig], tra
 
     step = start_step
     with progress_bar(total=training.total_steps, initial=start_step, enabled=progress, desc="training SAEs",
-                      unit="step") as bar:
+                      unit="step") as bar, _stopped_on_nonfinite(out_dir):
         while step < end_step:
-            raw = next(batches)
+            raw = _next_batch(batches, hooks, step + 1)
             if step == 0:
                 scales = _initialise_from_first_batch(raw, trainees, device)
             inputs = {hook: _training_rows(raw[hook], training).to(device, torch.float32) / scales[hook]
@@ -260,6 +276,44 @@ def train_dictionaries(source: BatchSource, configs: list[DictionaryConfig], tra
                     step == end_step and (training.checkpoint_every or end_step < training.total_steps)):
                 write_checkpoint(out_dir, step, scales, trainees, fingerprint, batch_size=training.batch_size)
     return [_save_result(trainee, scales[trainee.hook], out_dir, step, training) for trainee in trainees]
+
+
+def _next_batch(batches, hooks: list[str], step: int) -> dict[str, torch.Tensor]:
+    """The next batch, its activations checked for NaN and infinity (the store names a damaged shard)."""
+    try:
+        raw = next(batches)
+    except NonFiniteError as error:
+        raise NonFiniteError(f"training step {step}: {error}") from None
+    for hook in hooks:
+        check_finite_rows(raw[hook], f"training step {step}, the batch of activations at hook '{hook}'")
+    return raw
+
+
+@contextlib.contextmanager
+def _stopped_on_nonfinite(out_dir: Path):
+    """Add to a NonFiniteError what was kept: the last good checkpoint, and that no dictionary was written."""
+    try:
+        yield
+    except NonFiniteError as error:
+        checkpoint = latest_checkpoint(out_dir)
+        kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint else "no checkpoint had been written"
+        raise NonFiniteError(f"{error}; training stopped, no dictionary was written and {kept}. Check the "
+                             "activations and the settings (learning rate, sparsity coefficient), then rerun "
+                             "(it resumes from that checkpoint) or start a new --out") from None
+
+
+@torch.no_grad()
+def _check_finite_step(trainee: Trainee, out: TrainingLoss, step: int, lr: float) -> None:
+    """NonFiniteError naming the step, SAE and hook if this step's loss or any weight after it is not finite."""
+    parameters = dict(trainee.sae.named_parameters())
+    flags = torch.stack([torch.isfinite(out.loss).all()] + [torch.isfinite(p).all() for p in parameters.values()])
+    if bool(flags.all()):
+        return
+    where = f"training step {step} of '{trainee.name}' (hook '{trainee.hook}', learning rate {lr:.3g})"
+    if not bool(flags[0]):
+        raise NonFiniteError(f"{where}: the loss is {out.loss.item()}")
+    bad = [name for name, ok in zip(parameters, flags[1:].tolist()) if not ok]
+    raise NonFiniteError(f"{where}: the weights {bad} hold NaN or infinite values after the optimizer step")
 
 
 def _training_rows(x: torch.Tensor, training: TrainingConfig) -> torch.Tensor:
@@ -290,6 +344,7 @@ def _step_all(trainees: list[Trainee], inputs: dict[str, torch.Tensor], step: in
     for index, trainee in enumerate(trainees):
         x = inputs[trainee.hook]
         out = _training_step(trainee, x, step, training)
+        _check_finite_step(trainee, out, done, training.learning_rate(step))
         if done % training.log_every == 0 or done == training.total_steps:
             trainee.log_rows.append(_log_row(trainee, x, out, done, training))
         if training.resamples_after(done):
