@@ -6,6 +6,7 @@ notebooks and the demo call it too.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from circuits.models import model_name_of
 from sae.activation_store import ActivationStore
 from sae.config import DictionaryConfig
 from sae.corpus import Corpus, tokenize_contexts
+from sae.io import WEIGHTS_FILE, read_dictionary_config, read_safetensors_header
+from sae.locking import folder_lock
 from sae.training import TrainingConfig, TrainResult, train_dictionaries
 
 
@@ -81,10 +84,53 @@ def harvest_for_training(model, corpus: Corpus, request: TrainRequest, store_dir
                                metadata={"corpus": corpus.describe(), "seed": request.seed}, progress=progress)
 
 
+def request_record(request: TrainRequest, corpus: Corpus) -> dict:
+    """What a trained dictionary records of the request that made it (cfg.json extra.request), for reuse checks."""
+    return json.loads(json.dumps({"tokens": request.tokens, "epochs": request.epochs,
+                                  "context_size": request.context_size, "store_dtype": request.store_dtype,
+                                  "corpus": corpus.describe()}))
+
+
+def reuse_mismatch(folder: Path, request: TrainRequest, *, hook: str, model_name: str,
+                   corpus: Corpus | None = None) -> str | None:
+    """Why the dictionary folder cannot stand for what `request` would train at `hook` (None: it can).
+
+    The folder must be complete (both files, a whole safetensors header, training finished) and record the
+    same model, hook, architecture, sparsity, tying, width ratio, batch size, learning rate and seed; folders
+    that record the request (extra.request) must match its token budget, epochs and corpus too."""
+    try:
+        cfg = read_dictionary_config(folder)
+        read_safetensors_header(folder / WEIGHTS_FILE)
+    except (ValueError, OSError) as error:
+        return str(error)
+    training = cfg.extra.get("training") or {}
+    sparsity = cfg.k if cfg.k is not None else cfg.l1_coefficient
+    expected = {"model": (cfg.model_name, model_name), "hook": (cfg.hook_name, hook),
+                "training finished": (cfg.extra.get("training_complete"), True),
+                "architecture": (cfg.architecture, request.architecture),
+                "expansion": (cfg.d_sae // cfg.d_in, request.expansion), "tied": (cfg.tied, request.tied),
+                "batch size": (training.get("batch_size"), request.batch_size), "lr": (training.get("lr"), request.lr),
+                "seed": (training.get("seed"), request.seed)}
+    recorded = cfg.extra.get("request")
+    if recorded is not None and corpus is not None:
+        expected.update({key: (recorded.get(key), value) for key, value in request_record(request, corpus).items()})
+    differing = [f"{name} {have!r}, not {want!r}" for name, (have, want) in expected.items() if have != want]
+    if sparsity not in [*request.l1_coefficients, *request.k_values]:
+        differing.append(f"sparsity setting {sparsity!r}, not one of the requested")
+    return f"{folder} differs from the request: {'; '.join(differing)}" if differing else None
+
+
 def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | Path, progress: bool = True
                    ) -> list[TrainResult]:
-    """Harvest activations at `request.hooks`, then train every requested SAE from that one harvest."""
-    out_dir = Path(out_dir)
+    """Harvest activations at `request.hooks`, then train every requested SAE from that one harvest.
+
+    `out_dir` is locked for the whole command (sae.locking): a second `train` into it is refused at once."""
+    with folder_lock(out_dir):
+        return _train_on_model_locked(model, corpus, request, Path(out_dir), progress)
+
+
+def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir: Path, progress: bool
+                           ) -> list[TrainResult]:
     store_dir = Path(request.activations_dir) if request.activations_dir is not None else out_dir / "activations"
     store = harvest_for_training(model, corpus, request, store_dir, progress)
     training = TrainingConfig(
@@ -98,4 +144,6 @@ def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | 
         raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "
                          f"{request.batch_size}; ask for more --tokens or a smaller --batch-size")
     configs = request.dictionary_configs(store.d_in, model_name_of(model))
+    for config in configs:
+        config.extra["request"] = request_record(request, corpus)
     return train_dictionaries(store, configs, training, out_dir, progress=progress)
