@@ -84,10 +84,16 @@ def ranked(scores: torch.Tensor) -> torch.Tensor:
 
 
 def random_features(active: torch.Tensor, seed: int, hook: str) -> torch.Tensor:
-    """The active feature indices in a random order fixed by (seed, hook); take the first k for k features."""
-    pool = torch.nonzero(active.cpu()).flatten()
+    """The active feature indices in a random order fixed by (seed, hook); take the first k for k features.
+
+    The order is one seeded permutation of *all* features, filtered to the active ones: a feature
+    that is borderline active (a code just above or below zero, which can flip with the thread
+    count or the BLAS build) then only enters or leaves the list, instead of reshuffling every draw.
+    """
+    active = active.cpu().bool()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(hook.encode()))
-    return pool[torch.randperm(len(pool), generator=generator)]
+    order = torch.randperm(len(active), generator=generator)
+    return order[active[order]]
 
 
 def check_ks(ks: Sequence[int], dictionaries: dict[str, Dictionary]) -> list[int]:
