@@ -175,6 +175,21 @@ def test_random_controls_are_reproducible_nested_and_active(tiny_llama):
     assert statistics[HOOK].attribution.shape == (sae.n_features,)
 
 
+def test_random_features_survive_one_borderline_feature():
+    """A feature that flips between active and inactive (a code near zero: threads, BLAS) only enters or
+    leaves the random control's list; the other draws keep their order (issue 17)."""
+    from tasks.erasure import random_features
+
+    active = torch.rand(500, generator=torch.Generator().manual_seed(0)) > 0.5
+    order = random_features(active, 0, HOOK)
+    assert active[order].all() and len(order) == int(active.sum())
+    for flipped in (int(order[3]), int(torch.nonzero(~active)[0])):
+        other = active.clone()
+        other[flipped] = ~other[flipped]
+        kept = [index for index in random_features(other, 0, HOOK).tolist() if index != flipped]
+        assert kept == [index for index in order.tolist() if index != flipped]
+
+
 def test_build_edits_makes_every_method(tiny_llama):
     """Every method and k, in the documented order; the *_all_positions fits use every edited position."""
     from tasks.erasure import METHODS
