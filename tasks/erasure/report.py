@@ -99,15 +99,17 @@ def format_erasure_table(frame) -> str:
     return frame.to_string(index=False, float_format=lambda value: f"{value:.4g}")
 
 
-def plot_erasure(frame, path: Path) -> Path:
-    """Removal (left) and probe accuracy (right) against KL on held-out text, one row of panels per hook."""
+def plot_erasure(frame, path: Path, concept: str | None = None) -> Path:
+    """Removal (left) and probe accuracy (right) against KL on held-out text, one row of panels per hook;
+    the title names the concept, and k labels that would overlap are left out (the CSV has every k)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     hooks = list(dict.fromkeys(frame["hook"]))
-    figure, axes = plt.subplots(len(hooks), 2, figsize=(11, 4 * len(hooks)), squeeze=False)
+    figure, axes = plt.subplots(len(hooks), 2, figsize=(11, 4 * len(hooks) + 0.5), squeeze=False)
+    labels: list[tuple] = []  # (axis, x, y, k) of every swept point
     markers = dict(zip(METHODS, "osv^DPXh"))
     for row, hook in zip(axes, hooks):
         part = frame[(frame["hook"] == hook) & (frame["method"] != "clean")]
@@ -119,8 +121,7 @@ def plot_erasure(frame, path: Path) -> Path:
                 axis.plot(kl, group[metric], marker=markers.get(method, "o"), label=method,
                           linestyle="-" if swept else "none", markersize=6 if swept else 9)
                 if swept:
-                    for x, y, k in zip(kl, group[metric], group["k"]):
-                        axis.annotate(str(k), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+                    labels += [(axis, x, y, k) for x, y, k in zip(kl, group[metric], group["k"])]
             axis.set_xscale("log")
             axis.set_xlabel("KL(clean || edited) per token on held-out text")
             axis.set_ylabel({"removal": "removal (1 = logit difference gone)",
@@ -128,7 +129,11 @@ def plot_erasure(frame, path: Path) -> Path:
             axis.set_title(f"{hook}: {metric.replace('_', ' ')}")
             axis.grid(alpha=0.3)
         row[0].legend(fontsize=8)
+    named = f"'{concept}'" if concept else "the concept"
+    figure.suptitle(f"Concept erasure of {named}: removal and fresh-probe accuracy against damage (KL on held-out "
+                    "text); numbers by the points are k, the features edited", fontsize=10)
     figure.tight_layout()
+    label_k_values(figure, labels)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
@@ -136,12 +141,34 @@ def plot_erasure(frame, path: Path) -> Path:
     return Path(path)
 
 
+def label_k_values(figure, labels: list[tuple]) -> list[tuple]:
+    """Write k beside its point (alternately above and below it) unless the label would overlap one already
+    written (lowest k first); the CSV has every k. Returns the (axis, text, box in pixels) written."""
+    figure.canvas.draw()
+    scale = figure.dpi / 72  # points -> pixels
+    placed: dict = {}
+    written = []
+    for number, (axis, x, y, k) in enumerate(sorted(labels, key=lambda label: label[3])):
+        text = str(int(k))
+        px, py = axis.transData.transform((x, y))
+        offset = (4, 4) if number % 2 == 0 else (4, -11)
+        left, bottom = px + offset[0] * scale, py + offset[1] * scale
+        box = (left - 2, bottom - 2, left + 5.5 * scale * len(text) + 2, bottom + 9 * scale)
+        shown = placed.setdefault(axis, [])
+        if not any(box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]
+                   for other in shown):
+            shown.append(box)
+            written.append((axis, text, box))
+            axis.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=7, color="#333333")
+    return written
+
+
 def write_results(frame, out_dir: Path, settings: dict, progress: bool = True) -> dict[str, str]:
     """OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json, each written atomically; prints the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "erasure.csv", "plot": out_dir / "erasure.png", "json": out_dir / "erasure.json"}
     atomic_write_text(paths["csv"], frame.to_csv(index=False))
-    plot_erasure(frame, paths["plot"])
+    plot_erasure(frame, paths["plot"], settings.get("concept"))
     atomic_write_text(paths["json"], json.dumps(settings, indent=2) + "\n")
     if progress:
         print(format_erasure_table(frame))
