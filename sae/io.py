@@ -23,6 +23,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from sae.assets import atomic_write_bytes, atomic_write_text
 from sae.config import DictionaryConfig, check_saelens_options
 from sae.dictionary import Dictionary
+from sae.options import OptionError
 from sae.registry import architecture_class, build_dictionary
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -254,7 +255,9 @@ def load_dictionaries(folder_or_parent: str | Path, device: str | torch.device =
         dictionary = load_dictionary(folder, device=device)
         hook = dictionary.cfg.hook_name
         if hook in dictionaries:
-            raise ValueError(f"two dictionaries for hook '{hook}': {origins[hook]} and {folder}; "
-                             "load them one by one with load_dictionary")
+            raise OptionError("folder_or_parent", "two dictionaries for hook {hook!r}: {first} and {second}; "
+                              "{option} must hold one dictionary per hook (a folder of per-hook dictionary folders, "
+                              "as train writes); move or delete the extra one", hook=hook, first=str(origins[hook]),
+                              second=str(folder))
         dictionaries[hook], origins[hook] = dictionary, folder
     return dictionaries

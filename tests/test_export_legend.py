@@ -72,7 +72,7 @@ def test_page_panel_explains_error_terms_and_marks_middle_layer_logit_effects(tm
     path = export_graph(graph, tmp_path / "graph.html").path
     dom = run_chromium(tmp_path, "--dump-dom", page_url(path, ERROR_NODE))
     panel = dom[dom.index('<aside id="details"'):dom.index("</aside>")]
-    assert "error term: the part of the activation" in panel
+    assert "<dd>error term</dd>" in panel and "the activation at this hook that the dictionary does not" in panel
     assert "<dt>index</dt>" not in panel and "<dt>activation</dt>" not in panel
     assert 'class="legend"' in dom and "Legend" in dom
     dom = run_chromium(tmp_path, "--dump-dom", page_url(path, NASTY))

@@ -9,6 +9,8 @@ Every format is deterministic (the same graph gives the same bytes) and written 
   graph attribute `sparse_circuits_json_attributes` lists which, and `read_graphml_graph` decodes them.
 - dot (dot.py): Graphviz source. Layers are ranks (inputs at the bottom, the target on top), edges are
   blue for positive and red for negative effects, thicker for larger |effect|.
+- Every picture (svg, png, and the page's diagram) carries a legend (legend.py): node kinds, edge
+  sign, and what edge width means (|effect|, or the share of the receiver's activation).
 - svg, png: rendered by Graphviz `dot` when it is installed. Without it the picture comes from a
   built-in layered layout (layout.py; SVG written by svg.py, PNG drawn with matplotlib by png.py),
   the DOT source is written beside it, and a GraphvizMissingWarning says what to install.
@@ -36,6 +38,7 @@ from circuits.export.style import NEGATIVE_COLOUR, POSITIVE_COLOUR
 from circuits.export.svg import layered_svg
 from circuits.graph import graph_to_json_text, validate_graph
 from sae.assets import atomic_write_bytes, atomic_write_text
+from sae.options import OptionError
 
 __all__ = ["FORMATS", "INSTALL_GRAPHVIZ", "POSITIVE_COLOUR", "NEGATIVE_COLOUR", "JSON_ATTRIBUTES_KEY",
            "GraphvizMissingWarning", "ExportResult", "available_formats", "export_graph", "graphml_bytes",
@@ -70,8 +73,11 @@ def available_formats() -> dict[str, str]:
             "html": "self-contained interactive page (built-in layout, no network)"}
 
 
-def export_graph(graph: nx.DiGraph, path: str | Path, fmt: str | None = None) -> ExportResult:
-    """Write the graph to `path` as `fmt` (default: from the file suffix); see the module docstring."""
+def export_graph(graph: nx.DiGraph, path: str | Path, fmt: str | None = None, *, warn: bool = True) -> ExportResult:
+    """Write the graph to `path` as `fmt` (default: from the file suffix); see the module docstring.
+
+    Without Graphviz, a picture comes with `ExportResult.note`, also issued as a GraphvizMissingWarning
+    unless `warn=False` (for callers that print the note themselves)."""
     path = Path(path)
     fmt = _resolve_format(path, fmt)
     validate_graph(graph)
@@ -87,22 +93,24 @@ def export_graph(graph: nx.DiGraph, path: str | Path, fmt: str | None = None) ->
     if fmt == "html":
         atomic_write_text(path, html_page(graph))
         return ExportResult(path, fmt, "sparse-circuits")
-    return _export_picture(graph, path, fmt)
+    return _export_picture(graph, path, fmt, warn)
 
 
 def _resolve_format(path: Path, fmt: str | None) -> str:
     if fmt is None:
         suffix = path.suffix.lower().lstrip(".")
         if suffix not in _SUFFIX_FORMATS:
-            raise ValueError(f"cannot tell the export format from the file name {path.name!r}; "
-                             f"pass fmt= one of {FORMATS}")
+            raise OptionError("fmt", "cannot tell the export format from the file name {name!r}; pass {option} "
+                              "one of {formats} (or name the file with one of those suffixes)",
+                              name=path.name, formats=", ".join(FORMATS))
         return _SUFFIX_FORMATS[suffix]
     if fmt.lower() not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
+        raise OptionError("fmt", "unknown export format {fmt!r} for {option}; expected one of {formats}", fmt=fmt,
+                          formats=", ".join(FORMATS))
     return fmt.lower()
 
 
-def _export_picture(graph: nx.DiGraph, path: Path, fmt: str) -> ExportResult:
+def _export_picture(graph: nx.DiGraph, path: Path, fmt: str, warn: bool = True) -> ExportResult:
     """SVG or PNG through Graphviz, or through the built-in layout when `dot` is missing."""
     dot = shutil.which("dot")
     source = to_dot(graph)
@@ -120,7 +128,8 @@ def _export_picture(graph: nx.DiGraph, path: Path, fmt: str) -> ExportResult:
     note = (f"Graphviz 'dot' was not found, so {path.name} was drawn with the built-in layout; the DOT "
             f"source is in {dot_path}. For Graphviz-quality diagrams install Graphviz "
             f"({INSTALL_GRAPHVIZ}) and export again, or run: dot -T{fmt} {dot_path} -o {path}")
-    warnings.warn(note, GraphvizMissingWarning, stacklevel=3)
+    if warn:
+        warnings.warn(note, GraphvizMissingWarning, stacklevel=3)
     return ExportResult(path, fmt, renderer, (dot_path,), note)
 
 

@@ -63,16 +63,10 @@ def _svg_marker(name: str, colour: str) -> str:
 
 
 def _svg_header(graph: nx.DiGraph) -> list[str]:
-    legend_y = 38.0
     return [f'<text class="title" x="{MARGIN:g}" y="20" font-size="13" font-weight="bold" fill="#222222">'
             f"{html.escape(diagram_title(graph))}</text>",
-            f'<line x1="{MARGIN:g}" y1="{legend_y - 4:g}" x2="{MARGIN + 24:g}" y2="{legend_y - 4:g}" '
-            f'stroke="{POSITIVE_COLOUR}" stroke-width="3"/>',
-            f'<text x="{MARGIN + 30:g}" y="{legend_y:g}" fill="#444444">positive effect</text>',
-            f'<line x1="{MARGIN + 160:g}" y1="{legend_y - 4:g}" x2="{MARGIN + 184:g}" y2="{legend_y - 4:g}" '
-            f'stroke="{NEGATIVE_COLOUR}" stroke-width="3"/>',
-            f'<text x="{MARGIN + 190:g}" y="{legend_y:g}" fill="#444444">negative effect</text>',
-            f'<text x="{MARGIN + 330:g}" y="{legend_y:g}" fill="#777777">(legend below)</text>']
+            f'<text x="{MARGIN:g}" y="38" fill="#777777">blue: raises, red: lowers the receiving node; '
+            "the legend is below the diagram</text>"]
 
 
 def _svg_legend(graph: nx.DiGraph, top: float) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Iterable
 import networkx as nx
 
 from circuits.graph.schema import node_order_key, target_node
+from sae.options import OptionError
 
 
 def remove_dangling(graph: nx.DiGraph) -> nx.DiGraph:
@@ -73,7 +74,8 @@ def prune_by_cumulative_influence(graph: nx.DiGraph, fraction: float, drop_dangl
     the target ran through a dropped node becomes dangling and is then removed.
     """
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise OptionError("fraction", "{option} (the share of influence to keep) must be in (0, 1], got {value}",
+                          value=fraction)
     target = target_node(graph)
     influence = node_influence(graph)
     candidates = sorted((node for node in graph if node != target and influence[node] > 0),

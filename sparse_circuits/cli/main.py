@@ -19,6 +19,7 @@ import sys
 
 from sparse_circuits.cli import demo, erase, evaluate, export, fetch, ioi, trace, train
 from sparse_circuits.cli.common import HelpFormatter, positive_int
+from sparse_circuits.messages import cli_message
 
 SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, export, erase, demo)  # in the order --help lists them
 
@@ -53,14 +54,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def error_line(error: BaseException) -> str:
-    """The one line printed for a user error: the message, or for a bare OSError/RecursionError what happened."""
+def error_line(error: BaseException, args: argparse.Namespace | None = None) -> str:
+    """The one line printed for a user error: the message (arguments named by their flags, see
+    sparse_circuits.messages), or for a bare OSError/RecursionError what happened."""
     if isinstance(error, RecursionError):
         return "error: the input is nested too deeply to read (a JSON file with thousands of nested brackets?)"
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
         return f"error: {where}: {error.strerror}"
-    message = str(error) or type(error).__name__
+    message = cli_message(error, args) or type(error).__name__
     return "error: " + " ".join(message.split("\n"))
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if not isinstance(error, user_errors()):
             raise
-        print(error_line(error), file=sys.stderr)
+        print(error_line(error, args), file=sys.stderr)
         return 2
     return 0
 

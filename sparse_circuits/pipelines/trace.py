@@ -115,7 +115,8 @@ def trace_and_export(model, dictionaries, feature=None, corpus=None, out_dir: st
     graph = result.graph
     shown = relative_graph(prune_top_k_per_node(graph, diagram_top_k_per_node) if diagram_top_k_per_node else graph)
     paths = {"graph.json": save_graph_json(graph, out_dir / "graph.json")}
-    paths["diagram.svg"] = export_graph(shown, out_dir / "diagram.svg", "svg").path
+    diagram = export_graph(shown, out_dir / "diagram.svg", "svg", warn=False)  # its note is printed once, below
+    paths["diagram.svg"] = diagram.path
     paths["diagram.html"] = export_graph(shown, out_dir / "diagram.html", "html").path
     summary = summarize(graph)
     from sae.assets import atomic_write_text
@@ -124,6 +125,8 @@ def trace_and_export(model, dictionaries, feature=None, corpus=None, out_dir: st
     paths["summary.txt"] = out_dir / "summary.txt"
     if progress:
         print(summary)
+        if diagram.note:
+            print(f"note: {diagram.note}")
     return paths
 
 
@@ -177,4 +180,4 @@ def export_saved_graph(graph_path: Path, output: Path, fmt: str | None = None, *
         from circuits.tracing import relative_graph
 
         graph = relative_graph(graph)
-    return export_graph(graph, output, fmt), graph
+    return export_graph(graph, output, fmt, warn=False), graph  # the caller prints ExportResult.note

@@ -23,7 +23,7 @@
   function facts(node) {
     var list = element("dl", "facts");
     var isError = node.kind === "error";
-    [["id", node.id], ["kind", isError ? ERROR_TERM : node.kind], ["hook", node.hook], ["layer", node.layer],
+    [["id", node.id], ["kind", isError ? "error term" : node.kind], ["hook", node.hook], ["layer", node.layer],
      ["index", isError ? "" : node.index],
      ["activation", node.activation === undefined || isError ? "" : Number(node.activation).toPrecision(4)],
      ["effect on target", node.effect_on_target === undefined ? "" : signed(node.effect_on_target)],
@@ -78,6 +78,7 @@
     details.setAttribute("data-node", node.id);
     details.appendChild(element("h2", null, node.description));
     details.appendChild(facts(node));
+    if (node.kind === "error") { details.appendChild(element("p", "note", ERROR_TERM.replace("error term: the ", "The "))); }
     [["Fires most on", node.top_tokens], ["Promotes (direct logit effect)", node.promoted_tokens, true],
      ["Suppresses (direct logit effect)", node.suppressed_tokens, true]].forEach(function (entry) {
       if (entry[1] && entry[1].length) {
