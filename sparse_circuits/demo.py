@@ -35,9 +35,16 @@ def _banner(step: int, total: int, text: str) -> None:
     print(f"\n[{step}/{total}] {text}", flush=True)
 
 
-def _trained_folders(out: Path, hooks: list[str]) -> list[Path] | None:
-    folders = [out / hook for hook in hooks]
-    return folders if all((folder / "sae_weights.safetensors").exists() for folder in folders) else None
+def _trained_folders(out: Path, request, model_name: str, corpus) -> list[Path] | None:
+    """The SAE folders of an earlier run, if each is complete and was trained as `request` asks."""
+    from sparse_circuits.pipelines.train import reuse_mismatch
+
+    folders = [out / hook for hook in request.hooks]
+    reasons = [reuse_mismatch(folder, request, hook=folder.name, model_name=model_name, corpus=corpus)
+               for folder in folders if folder.exists()]
+    for reason in filter(None, reasons):
+        print(f"  not reusing: {reason}")
+    return folders if len(reasons) == len(folders) and not any(reasons) else None
 
 
 def intermediate_folders(out: Path) -> list[Path]:
@@ -66,7 +73,7 @@ def run_demo(out: Path | None = None, device: str = "auto", keep_intermediates: 
     """Run every step, print where each result is, and return {result name: path}.
 
     `keep_intermediates` keeps the activation store and the training checkpoints (deleted by default)."""
-    from circuits.models import fetch_default_model, load_model
+    from circuits.models import fetch_default_model, load_model, model_name_of
     from sae.corpus import load_corpus
     from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
     from sparse_circuits.pipelines.train import TrainRequest, train_on_model
@@ -85,10 +92,10 @@ def run_demo(out: Path | None = None, device: str = "auto", keep_intermediates: 
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in DEMO_LAYERS]
     saes = out / "saes"
     _banner(2, total, f"training tied ReLU SAEs (ratio 4) at {', '.join(hooks)} on {DEMO_TOKENS:,} tokens")
-    folders = _trained_folders(saes, hooks)
+    request = TrainRequest(hooks=hooks, tokens=DEMO_TOKENS, epochs=DEMO_EPOCHS, l1_coefficients=[DEMO_L1],
+                           batch_size=DEMO_BATCH, lr=DEMO_LR, checkpoint_every=50)
+    folders = _trained_folders(saes, request, model_name_of(model), corpus)
     if folders is None:
-        request = TrainRequest(hooks=hooks, tokens=DEMO_TOKENS, epochs=DEMO_EPOCHS, l1_coefficients=[DEMO_L1],
-                               batch_size=DEMO_BATCH, lr=DEMO_LR, checkpoint_every=50)
         folders = [result.folder for result in train_on_model(model, corpus, request, saes)]
     else:
         print("  reusing the SAEs trained by an earlier run")

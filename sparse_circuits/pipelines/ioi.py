@@ -17,9 +17,10 @@ from circuits.models import model_name_of
 from sae.assets import atomic_write_text, cache_dir
 from sae.corpus import load_corpus
 from sae.io import find_dictionary_folders, load_dictionary, read_dictionary_config, save_dictionary
+from sae.locking import folder_lock
 from sparse_circuits.defaults import (IOI_BASELINES, IOI_TRAIN_EPOCHS, IOI_TRAIN_L1, IOI_TRAIN_LR,
                                       IOI_TRAIN_TOKENS)
-from sparse_circuits.pipelines.train import TrainRequest, train_on_model
+from sparse_circuits.pipelines.train import TrainRequest, dictionary_folder_problem, reuse_mismatch, train_on_model
 from tasks.ioi import (BASELINE_NAMES, BaselineSettings, SearchSettings, activations_from_store, build_baselines,
                        generate_ioi_prompts, run_ioi_benchmark)
 
@@ -53,11 +54,18 @@ def default_hook(model) -> str:
     return f"blocks.{min(model.cfg.n_layers - 1, round(0.6 * model.cfg.n_layers))}.hook_resid_post"
 
 
-def cached_sae_folder(hook: str) -> Path | None:
-    """An SAE for `hook` trained earlier by this command or by the demo, if any."""
-    for parent in (cache_dir() / "ioi" / "saes", cache_dir() / "demo" / "saes"):
-        if (parent / hook / "sae_weights.safetensors").exists():
-            return parent / hook
+def cached_sae_folder(hook: str, model_name: str, request: TrainRequest | None = None) -> Path | None:
+    """An SAE for `hook` of this model trained earlier by this command (as `request` asks, when given) or by
+    the demo, if one is complete there; a folder that does not qualify is named in a note and skipped."""
+    for parent, wanted in ((cache_dir() / "ioi" / "saes", request), (cache_dir() / "demo" / "saes", None)):
+        folder = parent / hook
+        if not folder.exists():
+            continue
+        problem = (reuse_mismatch(folder, wanted, hook=hook, model_name=model_name) if wanted is not None
+                   else dictionary_folder_problem(folder, hook=hook, model_name=model_name))
+        if problem is None:
+            return folder
+        print(f"note: not reusing the cached SAE: {problem}")
     return None
 
 
@@ -78,11 +86,16 @@ def sae_folders_for(path: Path, hook: str | None) -> tuple[list[Path], str]:
     return chosen, hook
 
 
+def default_sae_request(hook: str, tokens: int, seed: int) -> TrainRequest:
+    """The command's default SAE: tied ReLU, ratio 4, alpha IOI_TRAIN_L1."""
+    return TrainRequest(hooks=[hook], tokens=tokens, epochs=IOI_TRAIN_EPOCHS, l1_coefficients=[IOI_TRAIN_L1],
+                        batch_size=1024, lr=IOI_TRAIN_LR, checkpoint_every=100, seed=seed)
+
+
 def train_default_sae(model, corpus, hook: str, tokens: int, seed: int) -> Path:
-    """Train the command's default SAE (tied ReLU, ratio 4, alpha IOI_TRAIN_L1) into the cache."""
+    """Train the command's default SAE into the cache (resuming an interrupted training there)."""
     print(f"no SAE for {hook} in the cache: training one on {tokens:,} tokens (once) ...", flush=True)
-    request = TrainRequest(hooks=[hook], tokens=tokens, epochs=IOI_TRAIN_EPOCHS, l1_coefficients=[IOI_TRAIN_L1],
-                           batch_size=1024, lr=IOI_TRAIN_LR, checkpoint_every=100, seed=seed)
+    request = default_sae_request(hook, tokens, seed)
     return train_on_model(model, corpus, request, cache_dir() / "ioi" / "saes")[0].folder
 
 
@@ -111,6 +124,8 @@ def cached_baselines(model, hook: str, names: list[str], *, sae, tokens: int, se
         built = {name: load_dictionary(folder / name) for name in names if (folder / name / "cfg.json").exists()}
     missing = [name for name in names if name not in built]
     if missing:
+        if previous != settings:  # the folder's baselines are replaced: none of them stands for `previous` now
+            manifest.unlink(missing_ok=True)
         activations = activations_from_store(store, hook, tokens) if store is not None else None
         text = load_corpus(corpus) if activations is None else None
         fresh = build_baselines(model, hook, missing, tokens, text, seed=seed,
@@ -132,16 +147,18 @@ def run_ioi(model, request: IOIRequest):
     else:
         hook = request.hook or default_hook(model)
         validate_hooks(model, [hook])
-        found = cached_sae_folder(hook)
+        found = cached_sae_folder(hook, model_name_of(model), default_sae_request(hook, request.train_tokens,
+                                                                                 request.seed))
         if found is None:
             found = train_default_sae(model, load_corpus(request.corpus), hook, request.train_tokens, request.seed)
         folders = [found]
     saes = load_saes(model, folders, hook)
     out = request.out or cache_dir() / "ioi" / hook
     store = folders[0].parent / "activations"
-    dictionaries = {**saes, **cached_baselines(model, hook, request.baselines, sae=next(iter(saes.values())),
-                                               tokens=request.baseline_tokens, seed=request.seed,
-                                               corpus=request.corpus, store=store if store.exists() else None,
-                                               out=out)}
-    return run_ioi_benchmark(model, dictionaries, hook, request.prompts, out, seed=request.seed,
-                             settings=request.settings, names=request.names)
+    with folder_lock(out):  # one writer of OUT (its baselines and tables) at a time
+        dictionaries = {**saes, **cached_baselines(model, hook, request.baselines, sae=next(iter(saes.values())),
+                                                   tokens=request.baseline_tokens, seed=request.seed,
+                                                   corpus=request.corpus, store=store if store.exists() else None,
+                                                   out=out)}
+        return run_ioi_benchmark(model, dictionaries, hook, request.prompts, out, seed=request.seed,
+                                 settings=request.settings, names=request.names)

@@ -84,11 +84,29 @@ def harvest_for_training(model, corpus: Corpus, request: TrainRequest, store_dir
                                metadata={"corpus": corpus.describe(), "seed": request.seed}, progress=progress)
 
 
-def request_record(request: TrainRequest, corpus: Corpus) -> dict:
-    """What a trained dictionary records of the request that made it (cfg.json extra.request), for reuse checks."""
-    return json.loads(json.dumps({"tokens": request.tokens, "epochs": request.epochs,
-                                  "context_size": request.context_size, "store_dtype": request.store_dtype,
-                                  "corpus": corpus.describe()}))
+def request_record(request: TrainRequest, corpus: Corpus | None) -> dict:
+    """What a trained dictionary records of the request that made it (cfg.json extra.request), for reuse checks
+    (without the corpus when it is None)."""
+    record = {"tokens": request.tokens, "epochs": request.epochs, "context_size": request.context_size,
+              "store_dtype": request.store_dtype}
+    if corpus is not None:
+        record["corpus"] = corpus.describe()
+    return json.loads(json.dumps(record))
+
+
+def dictionary_folder_problem(folder: Path, *, hook: str, model_name: str) -> str | None:
+    """Why `folder` is not a complete trained dictionary for this model and hook (None: it is): both files,
+    a whole safetensors header, the same model and hook, training finished."""
+    try:
+        cfg = read_dictionary_config(folder)
+        read_safetensors_header(folder / WEIGHTS_FILE)
+    except (ValueError, OSError) as error:
+        return str(error)
+    if (cfg.model_name, cfg.hook_name) != (model_name, hook):
+        return f"{folder} was trained on model {cfg.model_name!r} at '{cfg.hook_name}', not {model_name!r} at '{hook}'"
+    if cfg.extra.get("training_complete") is False:
+        return f"{folder} records that its training did not finish"
+    return None
 
 
 def reuse_mismatch(folder: Path, request: TrainRequest, *, hook: str, model_name: str,
@@ -98,21 +116,18 @@ def reuse_mismatch(folder: Path, request: TrainRequest, *, hook: str, model_name
     The folder must be complete (both files, a whole safetensors header, training finished) and record the
     same model, hook, architecture, sparsity, tying, width ratio, batch size, learning rate and seed; folders
     that record the request (extra.request) must match its token budget, epochs and corpus too."""
-    try:
-        cfg = read_dictionary_config(folder)
-        read_safetensors_header(folder / WEIGHTS_FILE)
-    except (ValueError, OSError) as error:
-        return str(error)
+    problem = dictionary_folder_problem(folder, hook=hook, model_name=model_name)
+    if problem is not None:
+        return problem
+    cfg = read_dictionary_config(folder)
     training = cfg.extra.get("training") or {}
     sparsity = cfg.k if cfg.k is not None else cfg.l1_coefficient
-    expected = {"model": (cfg.model_name, model_name), "hook": (cfg.hook_name, hook),
-                "training finished": (cfg.extra.get("training_complete"), True),
-                "architecture": (cfg.architecture, request.architecture),
+    expected = {"architecture": (cfg.architecture, request.architecture),
                 "expansion": (cfg.d_sae // cfg.d_in, request.expansion), "tied": (cfg.tied, request.tied),
                 "batch size": (training.get("batch_size"), request.batch_size), "lr": (training.get("lr"), request.lr),
                 "seed": (training.get("seed"), request.seed)}
     recorded = cfg.extra.get("request")
-    if recorded is not None and corpus is not None:
+    if recorded is not None:
         expected.update({key: (recorded.get(key), value) for key, value in request_record(request, corpus).items()})
     differing = [f"{name} {have!r}, not {want!r}" for name, (have, want) in expected.items() if have != want]
     if sparsity not in [*request.l1_coefficients, *request.k_values]:
