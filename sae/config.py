@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sae.config_checks import ConfigError, check_field_types  # noqa: F401 (ConfigError re-exported)
 from sae.finite import check_finite_number
 
 # Architecture names as written in cfg.json. "standard" is SAELens' name for the ReLU SAE.
@@ -27,35 +28,6 @@ FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 def layer_of_hook(hook_name: str) -> int | None:  # deprecated: use circuits.hooks.layer_of_hook
     return int(match.group(1)) if (match := re.match(r"blocks\.(\d+)\.", hook_name)) else None
-
-
-class ConfigError(ValueError):
-    """A cfg.json whose fields have the wrong type or value; the message names the field."""
-
-
-# The type every cfg.json field must have (None allowed where the dataclass default is None).
-_FIELD_TYPES = {"architecture": str, "d_in": int, "d_sae": int, "hook_name": str, "model_name": str,
-                "l1_coefficient": (int, float), "k": int, "tied": bool, "apply_b_dec_to_input": bool, "dtype": str,
-                "exclude_bos": bool, "activation_scale": (int, float), "seed": int, "hook_layer": int, "extra": dict}
-_MAY_BE_NONE = {"k", "hook_layer"}
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
-               (int, float): "a number"}
-
-
-def check_field_types(data: dict[str, Any]) -> None:
-    """ConfigError naming the first field of `data` whose JSON type is wrong (e.g. "d_in": "576")."""
-    for key, expected in _FIELD_TYPES.items():
-        if key not in data or (data[key] is None and key in _MAY_BE_NONE):
-            continue
-        value = data[key]
-        is_bool = isinstance(value, bool)
-        wrong = (not isinstance(value, expected) or (is_bool and expected is not bool))
-        if wrong:
-            raise ConfigError(f"cfg.json field '{key}' is {value!r} ({type(value).__name__}); expected "
-                              f"{_TYPE_NAMES[expected]}")
-    if not data.get("hook_name", "x").strip():
-        raise ConfigError("cfg.json field 'hook_name' is empty; it must name the hook point, e.g. "
-                          "blocks.12.hook_resid_post")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ class InputError(ValueError):
     """An argument or input file that cannot work; the message names it and says what to give instead."""
 
 
+class MissingInputError(InputError, FileNotFoundError):
+    """An input file or folder that does not exist."""
+
+
 # --------------------------------------------------------------------------- argparse types
 
 
@@ -100,7 +104,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def _check_writable_below(path: Path, flag: str) -> None:
     """The deepest existing ancestor of `path` must be a folder we may write in."""
-    ancestor = _nearest_existing(path.parent if not path.exists() else path)
+    ancestor = _nearest_existing(path if path.is_dir() else path.parent)
     if not ancestor.is_dir():
         raise InputError(f"{flag} {path}: {ancestor} is a file, not a folder; choose a path under a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -131,7 +135,7 @@ def input_file(path: Path, what: str) -> Path:
     """An existing, readable file."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
+        raise MissingInputError(f"{what} {path} does not exist")
     if not path.is_file():
         raise InputError(f"{what} {path} is a folder; give a file")
     if not os.access(path, os.R_OK):
@@ -143,7 +147,7 @@ def input_folder(path: Path, what: str, hint: str = "") -> Path:
     """An existing folder."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise InputError(f"{what} {path} does not exist" + (f"; {hint}" if hint else ""))
+        raise MissingInputError(f"{what} {path} does not exist" + (f"; {hint}" if hint else ""))
     if not path.is_dir():
         raise InputError(f"{what} {path} is a file, not a folder" + (f"; {hint}" if hint else ""))
     return path
@@ -174,49 +178,142 @@ def read_json_file(path: Path, what: str):
         raise InputError(f"{what} {path} is nested too deeply to read; it is not a file this tool wrote") from None
 
 
-# --------------------------------------------------------------------------- library-backed checks (import torch)
+# --------------------------------------------------------------------------- corpus, dictionaries, concepts
 
 
-def checked_corpus(spec: str, fetch_registry: bool = True):
-    """The corpus for `spec`, with a local file or folder read through once (UTF-8, JSON lines with a string
-    "text") so that a bad line is reported now, before the model loads, with its file and line. With
-    `fetch_registry=False` the registry corpus is not fetched (None is returned for it)."""
-    from sae.corpus import CorpusError, load_corpus
+def jsonl_text_lines(path: Path, what: str) -> None:
+    """Every non-empty line of a .jsonl file is a JSON object with a string "text"."""
+    for number, line in enumerate(utf8_lines(path, what), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{what} {path}:{number} is not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise InputError(f"{what} {path}:{number} is nested too deeply to read") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{what} {path}:{number} is a JSON {type(record).__name__}, not an object; each line "
+                             'needs to be an object with a "text" field')
+        if not isinstance(record.get("text"), str):
+            raise InputError(f"{what} {path}:{number} has no string 'text' field; each line needs one")
 
+
+def corpus_spec(spec: str, flag: str = "--corpus") -> None:
+    """'registry[:a,b]', hf:NAME[:SPLIT[:FIELD]], or a local .txt/.jsonl file or folder read through to its last
+    line (UTF-8; JSON objects with a string "text"), so that a bad line is named now, before the model loads."""
     if spec == "registry" or spec.startswith("registry:"):
-        return load_corpus(spec) if fetch_registry else None
+        return  # fetched and checksummed by the library
     if spec.startswith("hf:"):
-        return load_corpus(spec)  # hf: the form is checked; the dataset itself is only reachable later
-    if not Path(spec).expanduser().exists():
-        raise CorpusError(f"--corpus {spec!r} does not exist; give 'registry', a .txt/.jsonl file or folder, or "
-                          "hf:NAME[:SPLIT[:FIELD]]")
-    corpus = load_corpus(spec)
-    if sum(1 for _ in corpus.documents()) == 0:  # every line read: a bad one is reported now
-        raise CorpusError(f"--corpus {spec} holds no text")
-    return corpus
+        parts = spec[3:].split(":")
+        if len(parts) > 3 or not all(parts):
+            raise InputError(f"{flag} {spec!r} is not of the form hf:NAME[:SPLIT[:FIELD]] (at most three non-empty "
+                             "parts after 'hf:')")
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise MissingInputError(f"{flag} {spec!r} does not exist; give 'registry', a .txt/.jsonl file or folder, or "
+                         "hf:NAME[:SPLIT[:FIELD]]")
+    files = sorted(path.glob("*.txt")) + sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise InputError(f"{flag} folder {path} holds no .txt or .jsonl files")
+    texts = [file for file in files if file.suffix != ".jsonl"]
+    for file in texts or files:  # a folder with .txt files is read as text (as sae.corpus.load_corpus does)
+        if file.suffix == ".jsonl":
+            jsonl_text_lines(file, "corpus")
+        elif not any(line.strip() for line in utf8_lines(file, "corpus")):
+            raise InputError(f"corpus {file} holds no text")
 
 
 def hook_names(hooks: list[str] | None, flag: str = "--hook") -> None:
-    """Each hook name has the form blocks.L.SITE (whether the model has it is checked once it is loaded)."""
-    from circuits.hooks import parse_hook
-
+    """Each hook name is a non-empty name such as blocks.12.hook_resid_post (the model checks the rest)."""
     for hook in hooks or []:
+        if not hook.strip():
+            raise InputError(f"{flag} {hook!r}: a hook name must be a non-empty string such as "
+                             "'blocks.12.hook_resid_post'")
+
+
+def _safetensors_header(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise InputError(f"{path} is truncated or not a safetensors file ({size} bytes); re-save or "
+                             "re-download it")
         try:
-            parse_hook(hook)
-        except ValueError as error:
-            raise InputError(f"{flag} {hook!r}: {error}") from None
+            header = json.loads(handle.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise InputError(f"{path} is truncated or not a safetensors file (unreadable header); re-save or "
+                         "re-download it")
 
 
-def dictionary_configs(folder: Path, flag: str = "--sae") -> list[Path]:
-    """Every dictionary folder under `folder` (or `folder` itself), each cfg.json read and type-checked now."""
-    from sae.io import WEIGHTS_FILE, find_dictionary_folders, read_dictionary_config, read_safetensors_header
+def dictionary_folders(folder: Path, flag: str = "--sae") -> list[Path]:
+    """Every dictionary folder at or under `folder`, each cfg.json type-checked and each weights file's header
+    read (standard library only: before torch is imported)."""
+    from sae.config_checks import ConfigError, check_cfg_json
 
-    input_folder(folder, flag, "pass a folder written by `sparse-circuits train`")
-    folders = find_dictionary_folders(folder)
+    folder = input_folder(folder, flag, "pass a folder written by `sparse-circuits train`")
+    if (folder / "cfg.json").is_file():
+        folders = [folder]
+    else:
+        folders = sorted(path.parent for path in folder.rglob("cfg.json")
+                         if not any(part.startswith(".") or part == "checkpoints"
+                                    for part in path.relative_to(folder).parts))
     if not folders:
         raise InputError(f"{flag} {folder} holds no dictionary folder (sae_weights.safetensors + cfg.json); "
                          "pass a folder written by `sparse-circuits train`")
     for each in folders:
-        read_dictionary_config(each)
-        read_safetensors_header(each / WEIGHTS_FILE)
+        weights = each / "sae_weights.safetensors"
+        if not weights.is_file():
+            raise InputError(f"dictionary folder {each} has no sae_weights.safetensors; train it again")
+        try:
+            check_cfg_json(read_json_file(each / "cfg.json", "dictionary config"))
+        except ConfigError as error:
+            raise InputError(f"{each / 'cfg.json'} is not a valid dictionary config: {error}") from None
+        _safetensors_header(weights)
     return folders
+
+
+def _text(value, where: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{where} is {value!r}; expected a non-empty string")
+
+
+def concept_file(spec: str) -> None:
+    """A concept JSON file (see tasks.erasure.read_concept_file): every field's type, checked before torch loads;
+    the library checks the same again when it reads the file."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise MissingInputError(f"unknown concept {spec!r}: use 'gender' or a JSON file of prompts (see "
+                         "tasks.erasure.read_concept_file)")
+    data = read_json_file(path, "concept file")
+    if not isinstance(data, dict) or any(key not in data for key in ("positive_token", "negative_token", "train",
+                                                                       "test")):
+        raise InputError(f"{path} is not a concept file: it needs an object with positive_token, negative_token, "
+                         "and train/test objects with positive and negative prompt lists")
+    for key in ("name", "positive_token", "negative_token"):
+        if key in data:
+            _text(data[key], f"{path}: '{key}'")
+    for split in ("train", "test", "transfer"):
+        part = data.get(split)
+        if split not in data:
+            continue
+        if not isinstance(part, dict):
+            raise InputError(f"{path}: '{split}' is a {type(part).__name__}; expected an object with 'positive' "
+                             "and 'negative' prompt lists")
+        for side in ("positive", "negative"):
+            prompts = part.get(side)
+            if not isinstance(prompts, list) or not prompts:
+                raise InputError(f"{path}: {split}.{side} is {type(prompts).__name__} {prompts!r:.60}; expected a "
+                                 "non-empty JSON list of prompt strings")
+            for index, prompt in enumerate(prompts):
+                _text(prompt, f"{path}: {split}.{side}[{index}]")
+        tokens = [part.get(key, data[key]) for key in ("positive_token", "negative_token")]
+        for key, token in zip(("positive_token", "negative_token"), tokens):
+            _text(token, f"{path}: {split}.{key}")
+        if tokens[0] == tokens[1]:
+            raise InputError(f"{path}: {split} uses {tokens[0]!r} as both the positive and the negative token; "
+                             "the two sides need different target tokens")

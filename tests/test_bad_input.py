@@ -70,6 +70,27 @@ def bad_cfg(**changes) -> Callable[[Path, dict], None]:
     return setup
 
 
+_HELD_LOCKS: list[int] = []  # descriptors of the locks `busy` holds for the rest of the session
+
+
+def busy(folder: str) -> Callable[[Path, dict], None]:
+    """{tmp}/folder locked as a running command holds it (an flock on its .lock, with an owner record)."""
+
+    def setup(tmp: Path, values: dict) -> None:
+        import fcntl
+        import os
+
+        (tmp / folder).mkdir(parents=True)
+        path = tmp / folder / ".lock"
+        path.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                    "started": "2026-01-01 00:00:00 UTC", "command": "sparse-circuits train"}))
+        descriptor = os.open(path, os.O_RDWR)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        _HELD_LOCKS.append(descriptor)
+
+    return setup
+
+
 TRAIN = ["train", "--model", "{model}", "--hook", "blocks.1.hook_resid_post", "--tokens", "1000"]
 TRAIN_OUT = TRAIN + ["--out", "{tmp}/out", "--corpus", "{tmp}/corpus.txt"]
 TEXT = {"corpus.txt": "the park was open and the store was closed .\n" * 20}
@@ -127,7 +148,7 @@ CASES = [
     Case("corpus .jsonl line is a number", TRAIN + ["--out", "{tmp}/out", "--corpus", "{tmp}/c.jsonl"],
          "c.jsonl:2 is a JSON int, not an object", files={"c.jsonl": '{"text": "the park"}\n5\n'}),
     Case("corpus .jsonl text is a number", TRAIN + ["--out", "{tmp}/out", "--corpus", "{tmp}/c.jsonl"],
-         "c.jsonl:1: 'text' is a int", files={"c.jsonl": '{"text": 7}\n'}),
+         "c.jsonl:1 has no string 'text' field", files={"c.jsonl": '{"text": 7}\n'}),
     Case("corpus .txt not UTF-8", TRAIN + ["--out", "{tmp}/out", "--corpus", "{tmp}/c.txt"],
          "c.txt:2 is not UTF-8", files={"c.txt": b"the park\n\xc1\xc1 was\n"}),
     Case("corpus of random bytes named .txt", TRAIN + ["--out", "{tmp}/out", "--corpus", "{tmp}/c.txt"],
@@ -153,7 +174,7 @@ CASES = [
          files={**TEXT, "c.json": "{name: size"}),
     Case("concept file not UTF-8", ERASE + ["--concept", "{tmp}/c.json"], "c.json:2 is not UTF-8",
          files={**TEXT, "c.json": b'{\n"name": "\xe9"}'}),
-    Case("concept file is a list", ERASE + ["--concept", "{tmp}/c.json"], "holds a JSON list",
+    Case("concept file is a list", ERASE + ["--concept", "{tmp}/c.json"], "is not a concept file",
          files={**TEXT, "c.json": "[]"}),
     Case("unknown concept", ERASE + ["--concept", "colour"], "unknown concept 'colour'", files=TEXT),
     # --- dictionary files (cfg.json)
@@ -168,6 +189,14 @@ CASES = [
     Case("truncated weights", EVALUATE + ["--sae", "{tmp}/bad_sae"], "truncated or not a safetensors file",
          files=TEXT, setup=lambda tmp, values: (bad_cfg()(tmp, values),
                                                 (tmp / "bad_sae" / "sae_weights.safetensors").write_bytes(b"\x01"))),
+    # --- runtime: devices, output folders in use
+    Case("train --device cuda:99", TRAIN_OUT + ["--device", "cuda:99"],
+         "device 'cuda:99' is not available on this machine; available: auto, cpu", files=TEXT, loads_model=True),
+    Case("train --device banana", TRAIN_OUT + ["--device", "banana"], "device 'banana' is not a device name",
+         files=TEXT, loads_model=True),
+    Case("train --out in use by another train", TRAIN_OUT, "/out is in use by process", files=TEXT,
+         setup=busy("out"), loads_model=True),
+    Case("ioi --out in use by another ioi", IOI, "/out is in use by process", setup=busy("out"), loads_model=True),
     # --- hooks
     Case("train --hook empty", ["train", "--model", "{model}", "--hook", "", "--out", "{tmp}/out", "--corpus",
                                 "{tmp}/corpus.txt"], "a hook name must be a non-empty string", files=TEXT),
@@ -232,6 +261,27 @@ def test_bad_input(case: Case, tmp_path, tiny_llama_folder, dictionary_folder, c
     assert [line for line in err.splitlines() if line.startswith(("error:", "sparse-circuits"))], err
     assert snapshot(tmp) == before, "the failed command left or changed files"
     assert case.loads_model or seconds < SECONDS_PER_CASE, f"{seconds:.1f} s to report"
+
+
+FILE_MISTAKES_WITHOUT_TORCH = """
+import sys
+from sparse_circuits.cli.main import main
+codes = [main(["export", sys.argv[1] + "/missing.json", "-o", sys.argv[1] + "/out.svg"]),
+         main(["train", "--hook", "blocks.1.hook_resid_post", "--out", sys.argv[1], "--corpus", "hf:a:b:c:d"]),
+         main(["erase", "--sae", sys.argv[1] + "/none", "--out", sys.argv[1] + "/out"])]
+heavy = sorted(name for name in ("torch", "transformers", "transformer_lens") if name in sys.modules)
+assert codes == [2, 2, 2] and not heavy, (codes, heavy)
+"""
+
+
+def test_file_mistakes_are_reported_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FILE_MISTAKES_WITHOUT_TORCH, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("error:") == 3 and "Traceback" not in done.stderr
 
 
 def test_missing_architecture_is_assumed_with_a_warning(dictionary_folder, tmp_path):

@@ -62,19 +62,22 @@ def select_dictionaries(dictionaries: dict, layers: list[int] | None, where: Pat
     return {hook: dictionary for hook, dictionary in dictionaries.items() if hook in wanted}
 
 
+def check_arguments(args) -> None:
+    """Paths, dictionary files, the concept file and the corpus, before torch is imported or the model loads."""
+    from sparse_circuits import validation
+
+    validation.output_folder(args.out, "--out")
+    validation.dictionary_folders(args.sae)
+    if args.concept != "gender":
+        validation.concept_file(args.concept)
+    validation.corpus_spec(args.corpus)
+
+
 def run(args) -> dict[str, str]:
     from circuits.models import load_model
     from sae.io import load_dictionaries
     from tasks.erasure import load_concept_splits, run_erasure, validate_inputs
 
-    from sparse_circuits import validation
-    from tasks.erasure import read_concept_file
-
-    validation.output_folder(args.out, "--out")
-    validation.dictionary_configs(args.sae)
-    if args.concept != "gender":
-        read_concept_file(args.concept)  # every field's type, before the model loads
-    validation.checked_corpus(args.corpus)
     dictionaries = select_dictionaries(load_dictionaries(args.sae), args.layers, args.sae)
     model = load_model(args.model, device=args.device)
     splits = load_concept_splits(args.concept, model.tokenizer, seed=args.seed, n_shots_per_side=args.shots)

@@ -25,17 +25,23 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args) -> None:
+    """Dictionary files, the --json path and the corpus, before torch is imported or the model loads."""
+    from sparse_circuits import validation
+
+    validation.dictionary_folders(args.sae)
+    validation.output_file(args.json, "--json")
+    validation.corpus_spec(args.corpus)
+
+
 def run(args) -> None:
     from circuits.models import load_model
+    from sae.corpus import load_corpus
     from sae.assets import atomic_write_text
     from sparse_circuits.pipelines.evaluate import (check_dictionary_widths, dictionary_folders, evaluate_folders,
                                                     format_eval_table)
 
-    from sparse_circuits import validation
-
-    validation.dictionary_configs(args.sae)
-    validation.output_file(args.json, "--json")
-    corpus = validation.checked_corpus(args.corpus)
+    corpus = load_corpus(args.corpus)
     folders = dictionary_folders(args.sae)
     model = load_model(args.model, device=args.device)
     check_dictionary_widths(model, folders)  # before reading any text or running the model

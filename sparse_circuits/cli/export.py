@@ -32,12 +32,16 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args) -> None:
+def check_arguments(args) -> None:
+    """The graph file and the output path, before torch is imported."""
     from sparse_circuits import validation
-    from sparse_circuits.pipelines.trace import export_saved_graph
 
     validation.input_file(args.graph, "graph file")
     validation.output_file(args.output, "-o")
+
+
+def run(args) -> None:
+    from sparse_circuits.pipelines.trace import export_saved_graph
 
     result, graph = export_saved_graph(args.graph, args.output, args.fmt, threshold=args.threshold,
                                        top_k_per_node=args.top_k_per_node, influence=args.influence,

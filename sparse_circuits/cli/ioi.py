@@ -54,17 +54,17 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def check_arguments(args) -> None:
-    """Paths, hook, names and corpus, before the model loads."""
+    """Paths, SAE files, hook, names and corpus, before torch is imported or the model loads."""
     from sparse_circuits import validation
 
     validation.output_folder(args.out, "--out")
     if args.sae is not None:
-        validation.dictionary_configs(args.sae)
+        validation.dictionary_folders(args.sae)
     if args.hook is not None:
         validation.hook_names([args.hook])
     if args.names is not None and len([name for name in args.names.split(",") if name.strip()]) < 2:
         raise validation.InputError(f"--names {args.names!r}: give at least two comma-separated names")
-    validation.checked_corpus(args.corpus, fetch_registry=False)  # used only when no store sits beside the SAE
+    validation.corpus_spec(args.corpus)
 
 
 def run(args) -> None:
@@ -75,7 +75,6 @@ def run(args) -> None:
     baselines = [] if args.baselines.strip().lower() in ("", "none") else [
         name.strip() for name in args.baselines.split(",") if name.strip()]
     check_baseline_names(baselines)  # before loading the model
-    check_arguments(args)
     settings = SearchSettings(kl_target=args.kl_target, kl_target_fraction=args.kl_target_fraction,
                               confirm_top=args.confirm_top, prune_evals=args.prune_evals,
                               feature_sets="per_prompt" if args.per_prompt else "shared", patch_error=args.patch_error)

@@ -30,28 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice, usually one per core)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
-        module.add_parser(commands).set_defaults(run=module.run)
+        module.add_parser(commands).set_defaults(run=module.run, check=getattr(module, "check_arguments", None))
     return parser
 
 
+# The exceptions that are a user's mistake or the machine's state (a bad file or argument, a full disk, a folder
+# another run holds): one `error:` line, exit 2. OSError covers missing files, folders given as files and back,
+# permissions and a full disk (CheckpointWriteError is one); RecursionError comes from JSON nested too deeply.
+USER_ERRORS = (ValueError, OSError, RecursionError)
+LIBRARY_USER_ERRORS = (("circuits.models", "ModelLoadError"), ("sae.activation_store", "StoreError"),
+                       ("sae.assets", "AssetError"), ("sae.corpus", "CorpusError"),
+                       ("sae.training.checkpoints", "CheckpointWriteError"), ("safetensors", "SafetensorError"))
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that are a user's mistake or the machine's state (a bad file or argument, a full disk, a
-    folder another run holds): one `error:` line, exit 2. Imported only when needed (these modules import torch).
-    OSError covers missing files, folders given as files and back, permissions and a full disk;
-    CheckpointWriteError is one; RecursionError comes from JSON nested too deeply to decode."""
-    from circuits.models import ModelLoadError
-    from sae.activation_store import StoreError
-    from sae.assets import AssetError
-    from sae.corpus import CorpusError
-
-    errors = [ValueError, OSError, RecursionError, AssetError, ModelLoadError, CorpusError, StoreError]
-    try:
-        from safetensors import SafetensorError
-
-        errors.append(SafetensorError)
-    except ImportError:  # an older safetensors without the public name: its errors are still ValueErrors there
-        pass
-    return tuple(errors)
+    """USER_ERRORS plus the library's own user-error classes among the modules already imported (an error of
+    a class comes from an imported module, so nothing is imported here: a mistake found before torch loads
+    is reported without loading it)."""
+    found = [getattr(sys.modules[module], name, None) for module, name in LIBRARY_USER_ERRORS if module in sys.modules]
+    return USER_ERRORS + tuple(error for error in found if isinstance(error, type))
 
 
 def error_line(error: BaseException, args: argparse.Namespace | None = None) -> str:
@@ -80,20 +77,28 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TransformerBridge.*")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The subcommand's checks of every argument and input file (standard library only: before torch)."""
+    if getattr(args, "check", None) is not None:
+        args.check(args)
+
+
 def run_command(args: argparse.Namespace):
-    """Run the parsed subcommand (exceptions propagate: main turns user errors into exit 2)."""
+    """Check, then run the parsed subcommand (exceptions propagate: main turns user errors into exit 2)."""
+    check_arguments(args)
     return args.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # --help and bad arguments exit here, before any heavy import
-    quiet_libraries()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
-        run_command(args)
+        check_arguments(args)  # every argument and input file, before torch is imported or the model loads
+        quiet_libraries()
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        args.run(args)
     except KeyboardInterrupt:
         print("interrupted: completed shards and the last checkpoint are kept; rerun the same command to resume",
               file=sys.stderr)

@@ -54,26 +54,36 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args) -> None:
+    """Targets, paths, dictionary files, contexts and corpus, before torch is imported or the model loads."""
+    from sparse_circuits import validation
+
+    if args.logit_other and not args.logit:
+        raise validation.InputError("--logit-other needs --logit")
+    if args.logit and not args.contexts:
+        raise validation.InputError("a logit target needs texts to measure it on: give --contexts FILE")
+    validation.output_file(args.out, "--out")
+    validation.dictionary_folders(args.saes, "--saes")
+    if args.contexts:
+        validation.input_file(args.contexts, "contexts file")
+        if args.contexts.suffix == ".jsonl":
+            validation.jsonl_text_lines(args.contexts, "contexts file")
+        else:
+            validation.utf8_lines(args.contexts, "contexts file")
+    if args.feature and args.scan_contexts > 0:
+        validation.corpus_spec(args.corpus)
+
+
 def run(args) -> None:
     from circuits.graph import save_graph_json
     from circuits.models import load_model, resolve_device
     from circuits.tracing import summarize
+    from sae.corpus import load_corpus
     from sae.io import load_dictionaries
     from sparse_circuits.pipelines.trace import compare_methods, read_context_file, trace_feature, trace_logit
 
-    if args.logit_other and not args.logit:
-        raise ValueError("--logit-other needs --logit")
-    if args.logit and not args.contexts:
-        raise ValueError("a logit target needs texts to measure it on: give --contexts FILE")
-    from sparse_circuits import validation
-
-    validation.output_file(args.out, "--out")
-    validation.dictionary_configs(args.saes, "--saes")
-    if args.contexts:
-        validation.input_file(args.contexts, "contexts file")
-        validation.utf8_lines(args.contexts, "contexts file")
     texts = read_context_file(args.contexts) if args.contexts else None
-    corpus = validation.checked_corpus(args.corpus) if args.feature and args.scan_contexts > 0 else None
+    corpus = load_corpus(args.corpus) if args.feature and args.scan_contexts > 0 else None
     started = time.time()
     device = resolve_device(args.device)
     dictionaries = load_dictionaries(args.saes, device=device)  # before the model: fail fast on bad files

@@ -56,8 +56,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
 MAX_EPOCHS = 1_000
 
 
-def check_arguments(args):
-    """Every argument and input file, before the model loads; returns the corpus."""
+def check_arguments(args) -> None:
+    """Every argument and input file, before torch is imported or the model loads."""
     from sparse_circuits import validation
 
     if args.epochs > MAX_EPOCHS:
@@ -66,12 +66,13 @@ def check_arguments(args):
     validation.output_folder(args.out, "--out")
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
-    return validation.checked_corpus(args.corpus)
+    validation.corpus_spec(args.corpus)
 
 
 def run(args) -> None:
     from circuits.hooks import validate_hooks
     from circuits.models import load_model
+    from sae.corpus import load_corpus
     from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
     from sparse_circuits.pipelines.train import TrainRequest, train_on_model
 
@@ -81,7 +82,7 @@ def run(args) -> None:
         context_size=args.context_size, batch_size=args.batch_size, lr=args.lr, store_dtype=args.store_dtype,
         seed=args.seed, checkpoint_every=args.checkpoint_every, resample_dead=args.resample_dead,
         activations_dir=args.activations)
-    corpus = check_arguments(args)
+    corpus = load_corpus(args.corpus)
     model = load_model(args.model, device=args.device)
     validate_hooks(model, args.hook)
     results = train_on_model(model, corpus, request, args.out)
