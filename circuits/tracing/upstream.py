@@ -24,6 +24,7 @@ from circuits.tracing.contexts import TraceContexts
 from circuits.tracing.scoring import AblationScorer, BucketedScorer, CleanRun, LayerScores, Node, clean_run
 from circuits.tracing.targets import FeatureTarget, LogitTarget, Target
 from sae.dictionary import Dictionary
+from sae.progress import status
 
 METHODS = ("attribution", "ablation")
 
@@ -118,6 +119,7 @@ def run_upstream_trace(model, dictionaries: dict[str, Dictionary], target: Targe
         phase = time.perf_counter()
         target_scores, node_scores = scorer.layer(hook, above)
         timings[f"scores at {hook}"] = time.perf_counter() - phase
+        status(f"trace: {method} scores at {hook} done in {timings[f'scores at {hook}']:.1f} s", progress)
         scores[hook] = target_scores
         kept = [Node(hook, index) for index in top_features(target_scores, top_k_per_layer)]
         _add_layer(graph, hook, LayerResult(kept, target_scores, node_scores), above=above, clean=clean, method=method,
