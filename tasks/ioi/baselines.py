@@ -8,6 +8,7 @@ holds enough tokens (`activations_from_store`), else from a forward pass over co
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +16,7 @@ from typing import Iterable
 import torch
 
 from sae.dictionary import Dictionary
+from sae.progress import status
 
 BASELINE_NAMES = ("pca", "ica", "neurons", "random", "dense")
 
@@ -106,6 +108,7 @@ def build_baselines(model, hook: str, names: Iterable[str], n_tokens: int, corpu
     model_name = model_name_of(model)
     built: dict[str, Dictionary] = {}
     for name in names:
+        started = time.perf_counter()
         if name == "ica":  # FastICA costs ~d^2 per row per iteration: a subsample and an iteration cap keep it short
             rows = activations[torch.randperm(activations.shape[0], generator=torch.Generator().manual_seed(seed))
                                [: settings.ica_tokens]]
@@ -118,6 +121,8 @@ def build_baselines(model, hook: str, names: Iterable[str], n_tokens: int, corpu
                 folder = Path(out_dir) if out_dir is not None else Path(scratch)
                 built[name] = train_dense_autoencoder(activations, hook, folder, model_name=model_name,
                                                       settings=settings, seed=seed, progress=progress)
+        status(f"baselines: {name} fitted on {activations.shape[0]:,} activations in "
+               f"{time.perf_counter() - started:.1f} s", progress)
     return built
 
 
