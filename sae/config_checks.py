@@ -30,14 +30,11 @@ def check_field_types(data: dict[str, Any]) -> None:
         if wrong:
             raise ConfigError(f"cfg.json field '{key}' is {value!r} ({type(value).__name__}); expected "
                               f"{_TYPE_NAMES[expected]}")
-    if not data.get("hook_name", "x").strip():
-        raise ConfigError("cfg.json field 'hook_name' is empty; it must name the hook point, e.g. "
-                          "blocks.12.hook_resid_post")
 
 
 def check_cfg_json(data: Any) -> None:
-    """ConfigError unless raw cfg.json contents are an object whose fields have the right types (SAELens v6
-    keeps hook_name under `metadata`: it counts when the top-level one is absent or empty)."""
+    """ConfigError unless raw cfg.json contents are an object whose fields have the right types and which names
+    its hook point (SAELens v6 keeps hook_name under `metadata`: it counts when the top-level one is empty)."""
     if not isinstance(data, dict):
         raise ConfigError(f"cfg.json holds a JSON {type(data).__name__}, not an object")
     data = dict(data)
@@ -48,3 +45,6 @@ def check_cfg_json(data: Any) -> None:
         if key not in data:
             raise ConfigError(f"cfg.json has no '{key}'; a dictionary config needs d_in and d_sae")
     check_field_types(data)
+    if not str(data.get("hook_name", "")).strip():  # a folder the app loads must say where it attaches
+        raise ConfigError("cfg.json field 'hook_name' is empty or missing; it must name the hook point, e.g. "
+                          "blocks.12.hook_resid_post")

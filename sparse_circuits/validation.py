@@ -250,9 +250,9 @@ def _safetensors_header(path: Path) -> None:
                          "re-download it")
 
 
-def dictionary_folders(folder: Path, flag: str = "--sae") -> list[Path]:
-    """Every dictionary folder at or under `folder`, each cfg.json type-checked and each weights file's header
-    read (standard library only: before torch is imported)."""
+def dictionary_folders(folder: Path, flag: str = "--sae") -> dict[Path, dict]:
+    """{folder: cfg.json contents} for every dictionary folder at or under `folder`, each cfg.json type-checked
+    and each weights file's header read (standard library only: before torch is imported)."""
     from sae.config_checks import ConfigError, check_cfg_json
 
     folder = input_folder(folder, flag, "pass a folder written by `sparse-circuits train`")
@@ -265,16 +265,47 @@ def dictionary_folders(folder: Path, flag: str = "--sae") -> list[Path]:
     if not folders:
         raise InputError(f"{flag} {folder} holds no dictionary folder (sae_weights.safetensors + cfg.json); "
                          "pass a folder written by `sparse-circuits train`")
+    configs = {}
     for each in folders:
         weights = each / "sae_weights.safetensors"
         if not weights.is_file():
             raise InputError(f"dictionary folder {each} has no sae_weights.safetensors; train it again")
+        configs[each] = read_json_file(each / "cfg.json", "dictionary config")
         try:
-            check_cfg_json(read_json_file(each / "cfg.json", "dictionary config"))
+            check_cfg_json(configs[each])
         except ConfigError as error:
             raise InputError(f"{each / 'cfg.json'} is not a valid dictionary config: {error}") from None
         _safetensors_header(weights)
-    return folders
+    return configs
+
+
+def feature_target(spec: str, configs: dict[Path, dict]) -> None:
+    """A --feature HOOK:INDEX (or auto, HOOK:auto) whose hook has a dictionary and whose index is in range."""
+    hook, _, index = spec.rpartition(":")
+    if spec == "auto":
+        return
+    if not hook or not (index == "auto" or index.isdigit()):
+        raise InputError(f"--feature {spec!r} is not HOOK:INDEX, HOOK:auto or auto (e.g. blocks.7.hook_resid_post:123)")
+    widths = {}
+    for cfg in configs.values():
+        name = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+        widths[name] = cfg["d_sae"]
+    if hook not in widths:
+        raise InputError(f"--feature {spec}: no dictionary at {hook}; the folder holds {', '.join(sorted(widths))}")
+    if index != "auto" and int(index) >= widths[hook]:
+        raise InputError(f"--feature {spec}: index {index} is out of range; the dictionary at {hook} has "
+                         f"{widths[hook]:,} features (0 to {widths[hook] - 1:,})")
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1, got {text}")
+    return value
 
 
 def _text(value, where: str) -> None:

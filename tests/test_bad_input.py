@@ -197,6 +197,16 @@ CASES = [
     Case("train --out in use by another train", TRAIN_OUT, "/out is in use by process", files=TEXT,
          setup=busy("out"), loads_model=True),
     Case("ioi --out in use by another ioi", IOI, "/out is in use by process", setup=busy("out"), loads_model=True),
+    # --- trace targets and seeds
+    Case("trace --feature at a hook without a dictionary", TRACE + ["--feature", "blocks.0.hook_resid_post:1"],
+         "no dictionary at blocks.0.hook_resid_post"),
+    Case("trace --feature index out of range", TRACE + ["--feature", "blocks.1.hook_resid_post:5000"],
+         "index 5000 is out of range"),
+    Case("trace --feature not HOOK:INDEX", TRACE + ["--feature", "blocks.1.hook_resid_post"], "is not HOOK:INDEX"),
+    Case("trace --logit-other without --logit", TRACE + ["--feature", "auto", "--logit-other", "x"],
+         "--logit-other needs --logit"),
+    Case("train --seed too large", TRAIN_OUT + ["--seed", "1" + "0" * 30], "expected a seed from 0", files=TEXT),
+    Case("erase --layers -1", ERASE + ["--layers", "-1"], "expected an integer >= 0", files=TEXT),
     # --- hooks
     Case("train --hook empty", ["train", "--model", "{model}", "--hook", "", "--out", "{tmp}/out", "--corpus",
                                 "{tmp}/corpus.txt"], "a hook name must be a non-empty string", files=TEXT),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
 from sparse_circuits.defaults import ERASE_KS, ERASE_METHODS
+from sparse_circuits.validation import nonnegative_int, seed
 
 DESCRIPTION = """Fit erasure methods on the train split of a binary concept (at the final prompt position, or at
 every position for the *_all_positions variants), apply each as an edit at a hook to every position but
@@ -31,7 +32,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="a dictionary folder, or a folder holding several (one per hook)")
     parser.add_argument("--concept", default="gender",
                         help="'gender' (built in) or a JSON file of prompts (see tasks.erasure.load_concept_splits)")
-    parser.add_argument("--layers", type=int, nargs="+",
+    parser.add_argument("--layers", type=nonnegative_int, nargs="+",
                         help="use the dictionaries at blocks.L.hook_resid_post for these L (default: every one found)")
     parser.add_argument("--k", type=positive_int, nargs="+", default=list(ERASE_KS),
                         help="numbers of features to remove")
@@ -45,7 +46,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--shots", type=positive_int, default=2, help="gender: few-shot examples per side")
     parser.add_argument("--no-transfer", action="store_true", help="skip the transfer split (pronouns for gender)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="seed for splits, random controls and probes")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for splits, random controls and probes")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     return parser
 

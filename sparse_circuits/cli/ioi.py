@@ -7,7 +7,8 @@ from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
 from sparse_circuits.defaults import IOI_BASELINES, IOI_KL_TARGET_FRACTION, IOI_TRAIN_TOKENS
-from sparse_circuits.validation import MAX_IOI_PROMPTS, bounded_int, fraction, nonnegative_int, positive_float
+from sparse_circuits.validation import (MAX_IOI_PROMPTS, bounded_int, fraction, nonnegative_int, positive_float,
+                                        seed)
 
 DESCRIPTION = """Patch features from counterfactual IOI prompts (IO name replaced) into clean ones at one hook
 point and find the smallest feature sets that reach a KL target, for an SAE and the baselines (PCA,
@@ -48,7 +49,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--names", help="comma-separated IO/S names to use, each one token (default: the built-in list)")
     parser.add_argument("--train-tokens", type=positive_int, default=IOI_TRAIN_TOKENS,
                         help="tokens to train an SAE on when none is found")
-    parser.add_argument("--seed", type=int, default=0, help="seed for prompts, baselines and training")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for prompts, baselines and training")
     parser.add_argument("--out", type=Path, help="output folder (default: <cache>/ioi/<hook>)")
     return parser
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
-from sparse_circuits.validation import nonnegative_int
+from sparse_circuits.validation import nonnegative_int, seed
 
 DESCRIPTION = """Trace which upstream features make a target fire, layer by layer, into a graph.
 The target is a dictionary feature HOOK:INDEX (HOOK:auto or auto picks an active, interpretable-looking
@@ -48,7 +48,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="also trace with the other method and print how well the two agree per layer "
                              "(Spearman on ablation's top 30 features); ablation is slow")
-    parser.add_argument("--seed", type=int, default=0, help="seed for picking contexts")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for picking contexts")
     parser.add_argument("--paths", type=nonnegative_int, default=5, help="strongest paths to print")
     parser.add_argument("--out", required=True, type=Path, help="graph file to write (node-link JSON)")
     return parser
@@ -63,7 +63,9 @@ def check_arguments(args) -> None:
     if args.logit and not args.contexts:
         raise validation.InputError("a logit target needs texts to measure it on: give --contexts FILE")
     validation.output_file(args.out, "--out")
-    validation.dictionary_folders(args.saes, "--saes")
+    configs = validation.dictionary_folders(args.saes, "--saes")
+    if args.feature:
+        validation.feature_target(args.feature, configs)
     if args.contexts:
         validation.input_file(args.contexts, "contexts file")
         if args.contexts.suffix == ".jsonl":

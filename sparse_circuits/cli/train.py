@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
 from sparse_circuits.defaults import ARCHITECTURES
-from sparse_circuits.validation import nonnegative_float, nonnegative_int, positive_float
+from sparse_circuits.validation import nonnegative_float, nonnegative_int, positive_float, seed
 
 DESCRIPTION = """Harvest activations at one or more hook points in one pass (stopping after the deepest), then
 train one SAE per hook and per L1 coefficient (or k) from that harvest. Writes
@@ -47,7 +47,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="dtype of the stored activations")
     parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
-    parser.add_argument("--seed", type=int, default=0, help="seed for context sampling, initialisation and batches")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for context sampling, initialisation and batches")
     parser.add_argument("--evaluate-tokens", type=nonnegative_int, default=0,
                         help="after training, evaluate on this many held-out tokens (0: skip)")
     return parser
