@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 MAX_IOI_PROMPTS = 10_000  # about 1 GB of prompts, caches and feature sets; more is a typo, not a run
+MAX_BASELINE_TOKENS = 2_000_000  # activations held in memory to fit PCA/ICA: 4.6 GB at d_model 576 in float32
 
 
 class InputError(ValueError):

@@ -132,6 +132,7 @@ CASES = [
     Case("train --evaluate-tokens -5", TRAIN_OUT + ["--evaluate-tokens", "-5"], "expected an integer >= 0",
          files=TEXT),
     Case("ioi --prompts 100000000", IOI + ["--prompts", "100000000"], "expected 1 to 10,000 prompts"),
+    Case("ioi --baseline-tokens 10**9", IOI + ["--baseline-tokens", "1000000000"], "expected 1 to 2,000,000 tokens"),
     Case("ioi --kl-target-fraction nan", IOI + ["--kl-target-fraction", "nan"], "NaN and infinity"),
     Case("ioi --kl-target-fraction 2", IOI + ["--kl-target-fraction", "2"], "expected a fraction in (0, 1]"),
     Case("ioi --kl-target -1", IOI + ["--kl-target", "-1"], "expected a positive number"),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
 from sparse_circuits.defaults import IOI_BASELINES, IOI_KL_TARGET_FRACTION, IOI_TRAIN_TOKENS
-from sparse_circuits.validation import (MAX_IOI_PROMPTS, bounded_int, fraction, nonnegative_int, positive_float,
-                                        seed)
+from sparse_circuits.validation import (MAX_BASELINE_TOKENS, MAX_IOI_PROMPTS, bounded_int, fraction, nonnegative_int,
+                                        positive_float, seed)
 
 DESCRIPTION = """Patch features from counterfactual IOI prompts (IO name replaced) into clean ones at one hook
 point and find the smallest feature sets that reach a KL target, for an SAE and the baselines (PCA,
@@ -32,8 +32,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=bounded_int(MAX_IOI_PROMPTS, "prompts"), default=50,
                         help=f"IOI prompts (at most {MAX_IOI_PROMPTS:,})")
     parser.add_argument("--baselines", default=",".join(IOI_BASELINES), help="comma-separated baselines, or 'none'")
-    parser.add_argument("--baseline-tokens", type=positive_int, default=20_000,
-                        help="activations the baselines are fitted on")
+    parser.add_argument("--baseline-tokens", type=bounded_int(MAX_BASELINE_TOKENS, "tokens"), default=20_000,
+                        help=f"activations the baselines are fitted on (at most {MAX_BASELINE_TOKENS:,}: they are held "
+                             "in memory)")
     parser.add_argument("--kl-target", type=positive_float,
                         help="absolute KL target (default: --kl-target-fraction of the unpatched KL)")
     parser.add_argument("--kl-target-fraction", type=fraction, default=IOI_KL_TARGET_FRACTION,
