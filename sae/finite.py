@@ -19,12 +19,12 @@ def nonfinite_rows(x: torch.Tensor) -> int:
     return int((~torch.isfinite(x)).reshape(-1, x.shape[-1]).any(dim=-1).sum().item())
 
 
-def check_finite_rows(x: torch.Tensor, where: str) -> None:
+def check_finite_rows(x: torch.Tensor, where: str, rows_are: str = "activation rows") -> None:
     """Raise NonFiniteError if any row of x [..., d] holds a NaN or an infinity; `where` names it."""
     bad = nonfinite_rows(x)
     if bad:
         rows = x.reshape(-1, x.shape[-1]).shape[0]
-        raise NonFiniteError(f"{where}: {bad} of {rows} activation rows hold NaN or infinite values")
+        raise NonFiniteError(f"{where}: {bad} of {rows} {rows_are} hold NaN or infinite values")
 
 
 def check_finite_number(name: str, value, *, minimum: float | None = None) -> None:

@@ -223,6 +223,11 @@ def load_dictionary(folder: str | Path, expected_d_in: int | None = None, device
     weights_path = folder / WEIGHTS_FILE
     _check_weight_shapes(weights_path, cfg, read_safetensors_header(weights_path))
     tensors = read_tensor_file(weights_path)
+    nonfinite = [name for name, tensor in tensors.items()
+                 if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if nonfinite:
+        raise DictionaryFileError(f"{weights_path}: {nonfinite} hold NaN or infinite values; this dictionary cannot be "
+                                  "used: train it again")
     dictionary = build_dictionary(cfg)
     try:
         dictionary.load_saelens_tensors(tensors)

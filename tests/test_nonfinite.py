@@ -138,3 +138,44 @@ def test_nan_activations_stop_a_harvest_naming_the_hook_and_contexts(tiny_llama,
                             progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert len(manifest["shards"]) == 2 and not manifest["complete"]  # the good shards are kept
+
+
+def test_a_saved_dictionary_holding_nan_is_refused_on_load(tmp_path, random_sae):
+    from sae.io import DictionaryFileError, load_dictionary, save_dictionary
+
+    sae = random_sae()
+    with torch.no_grad():
+        sae.b_enc[3] = math.nan
+    folder = save_dictionary(sae, tmp_path / HOOK)
+    with pytest.raises(DictionaryFileError, match=r"\['b_enc'\] hold NaN or infinite values"):
+        load_dictionary(folder)
+
+
+def test_an_engine_run_whose_output_is_nan_stops_before_anything_is_measured(tiny_llama):
+    from circuits.engine import run_with_edits
+
+    tokens = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    hook = "blocks.1.hook_resid_post"
+
+    def poison(activation):
+        activation = activation.clone()
+        activation[1, 2] = math.nan
+        return activation
+
+    with pytest.raises(NonFiniteError, match=rf"edits at \['{hook}'\] holds NaN or infinite values in 1 of 2 rows"):
+        run_with_edits(tiny_llama, tokens, edits={hook: poison})
+    assert torch.isfinite(run_with_edits(tiny_llama, tokens).output).all()
+
+
+def test_patched_logits_holding_nan_stop_the_ioi_patcher(tiny_llama):
+    from circuits.engine import CachedRun
+
+    tokens = torch.randint(3, 40, (3, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    run = CachedRun(tiny_llama, HOOK, tokens, torch.full((3,), 7))
+    bucket = run.buckets[0]
+    activations = torch.zeros(bucket.rows.numel(), bucket.tokens.shape[1], tiny_llama.cfg.d_model)
+    assert torch.isfinite(run.run(bucket, activations)).all()
+    activations[1, 3] = math.nan
+    with pytest.raises(NonFiniteError, match=rf"patched model output at hook '{HOOK}': 1 of 3 prompts' logits"):
+        run.run(bucket, activations)

@@ -32,6 +32,7 @@ from circuits.engine.replay import PrefixReplay
 from circuits.hooks import validate_hooks
 from circuits.metrics import Metric, spearman
 from sae.dictionary import Dictionary
+from sae.finite import check_finite_rows
 
 MODES = ("patch", "zero", "mean", "scale", "set")
 
@@ -123,7 +124,13 @@ class CachedRun:
         return out
 
     def run(self, bucket: Bucket, activations: torch.Tensor) -> torch.Tensor:
-        """Final-position logits [k * m, vocab] for activations [k * m, len, d] at the hook (k copies of the bucket)."""
+        """Final-position logits [k * m, vocab] for activations [k * m, len, d] at the hook (k copies of the bucket);
+        NonFiniteError if any is NaN or infinite (nothing is measured or written from them)."""
+        logits = self._patched_logits(bucket, activations)
+        check_finite_rows(logits, f"patched model output at hook '{self.hook}'", rows_are="prompts' logits")
+        return logits
+
+    def _patched_logits(self, bucket: Bucket, activations: torch.Tensor) -> torch.Tensor:
         copies = activations.shape[0] // bucket.rows.numel()
         final = bucket.final.repeat(copies)
         if self.mode == "resume":

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, NamedTuple
 import torch
 
 from circuits.engine.edits import HookEdit
+from sae.finite import NonFiniteError
 
 
 class EngineRun(NamedTuple):
@@ -61,4 +62,15 @@ def run_with_edits(model, tokens: torch.Tensor, edits: Mapping[str, HookEdit] | 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*hook_scale.*")  # the bridge notes edited norm hooks
         output = model.run_with_hooks(tokens.to(device), fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
+    _check_finite_output(output, edits)
     return EngineRun(output, recorded, leaf_tensors)
+
+
+def _check_finite_output(output: torch.Tensor, edits: Mapping[str, HookEdit]) -> None:
+    """NonFiniteError if the run's output holds NaN or infinity: no experiment measures or writes from it."""
+    finite = torch.isfinite(output.detach()).reshape(output.shape[0], -1).all(dim=1)  # [rows]
+    if not bool(finite.all()):
+        where = f"with edits at {sorted(edits)}" if edits else "with no edit"
+        raise NonFiniteError(f"the model's output {where} holds NaN or infinite values in {int((~finite).sum())} of "
+                             f"{finite.numel()} rows; stopped before measuring or writing anything from it (check "
+                             "the dictionaries' weights and the edit values)")
