@@ -122,6 +122,7 @@ CASES = [
                                     "--corpus", "{tmp}/corpus.txt"], "is an existing file", files=TEXT),
     Case("ioi --sae missing", ["ioi", "--model", "{model}", "--sae", "{tmp}/none", "--out", "{tmp}/out"],
          "does not exist"),
+    Case("demo --out is a file", ["demo", "--out", "{tmp}/corpus.txt"], "is an existing file", files=TEXT),
     # --- numbers
     Case("train --epochs inf", TRAIN_OUT + ["--epochs", "inf"], "NaN and infinity are not accepted", files=TEXT),
     Case("train --epochs 1e9", TRAIN_OUT + ["--epochs", "1e9"], "more than 1,000 passes", files=TEXT),

@@ -32,6 +32,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args) -> None:
+    """--out must be a folder (new or existing) we can write, checked before torch is imported."""
+    from sparse_circuits.validation import output_folder
+
+    output_folder(args.out, "--out")
+
+
 def run(args) -> None:
     from sparse_circuits.demo import run_demo
 
