@@ -244,8 +244,8 @@ def search_dictionary(name: str, patcher: FeaturePatcher, metrics: dict, target:
         if settings.patch_error:
             search.evaluate([[]], [0], "error_only", [float("nan")])
         sweep = search.sweep(order, target)
-    say("threshold_sweep", f"best KL {min((p['kl'] for p in sweep), default=float('nan')):.3g} "
-                           f"(target {target:.3g})")
+    best = min((point["kl"] for point in sweep), default=float("nan"))
+    say("threshold_sweep", f"best KL {0.0 if -1e-6 <= best < 0 else best:.3g} (target {target:.3g})")
     with phases("prune"):
         crossing = search.bisect(order, sweep, target)
         if crossing is not None and not per_prompt:
