@@ -37,6 +37,9 @@ def check_arguments(args) -> None:
     from sparse_circuits import validation
 
     validation.input_file(args.graph, "graph file")
+    if not isinstance(validation.read_json_file(args.graph, "graph file"), dict):  # UTF-8, JSON, not absurdly deep
+        raise validation.InputError(f"graph file {args.graph} is not a sparse-circuits graph (not a JSON object); "
+                                    "write one with `sparse-circuits trace`")
     validation.output_file(args.output, "-o")
 
 
