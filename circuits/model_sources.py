@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sae.assets import AssetError, RegistryArtifact, cache_dir, fetch_artifact, sha256_of
+from sae.progress import status
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ def folder_is_complete(folder: Path) -> bool:
 
 
 def _say(progress: bool, text: str) -> None:
-    if progress:
-        print(text, flush=True)
+    status(text, progress)  # one plain line on stderr, like every other progress report
 
 
 def fetch_registry_model(name: str, progress: bool = True) -> Path:
@@ -137,6 +137,7 @@ def convert_gguf(gguf_path: Path, folder: Path, name_or_path: str, source: dict,
                 shutil.rmtree(folder)
             folder.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, folder)
+        _say(progress, f"converted {gguf_path.name}: {folder}")
     except (OSError, ValueError, KeyError) as error:
         raise AssetError(f"could not convert {gguf_path} ({type(error).__name__}: {error}); transformers reads "
                          "GGUF files of the architectures it supports, with the `gguf` package installed") from error
