@@ -21,8 +21,8 @@ from tasks.erasure.edits import (Erasure, LeaceMap, MeanDifferenceProjection, cl
 from tasks.erasure.report import (COLUMNS, PromptResults, erasure_table, format_erasure_table, plot_erasure,
                                   probe_accuracies, removal, result_rows, write_results)
 from tasks.erasure.run import (collect_train_statistics, edited_positions, evaluate_on_prompts, evaluate_on_text,
-                               held_out_contexts, load_concept_splits, read_concept_file, run_erasure, subsample_concept,
-                               validate_inputs)
+                               held_out_contexts, load_concept_splits, read_concept_file, run_erasure,
+                               subsample_concept, validate_inputs)
 from tasks.erasure.selection import (DEFAULT_KS, FIXED_METHODS, K_METHODS, METHODS, HookStatistics,
                                      activation_difference, build_edits, check_ks, check_methods, feature_attribution,
                                      feature_rankings, random_features, ranked, signed_logit_diffs)
