@@ -114,14 +114,16 @@ def trace_and_export(model, dictionaries, feature=None, corpus=None, out_dir: st
                            context_size=context_size, seed=seed, progress=progress)
     graph = result.graph
     shown = relative_graph(prune_top_k_per_node(graph, diagram_top_k_per_node) if diagram_top_k_per_node else graph)
-    paths = {"graph.json": save_graph_json(graph, out_dir / "graph.json")}
-    diagram = export_graph(shown, out_dir / "diagram.svg", "svg", warn=False)  # its note is printed once, below
-    paths["diagram.svg"] = diagram.path
-    paths["diagram.html"] = export_graph(shown, out_dir / "diagram.html", "html").path
-    summary = summarize(graph)
     from sae.assets import atomic_write_text
+    from sae.locking import folder_lock
 
-    atomic_write_text(out_dir / "summary.txt", summary + "\n")
+    summary = summarize(graph)
+    with folder_lock(out_dir):  # another run writing the same folder is refused: never a mix of two traces
+        paths = {"graph.json": save_graph_json(graph, out_dir / "graph.json")}
+        diagram = export_graph(shown, out_dir / "diagram.svg", "svg", warn=False)  # its note is printed once, below
+        paths["diagram.svg"] = diagram.path
+        paths["diagram.html"] = export_graph(shown, out_dir / "diagram.html", "html").path
+        atomic_write_text(out_dir / "summary.txt", summary + "\n")
     paths["summary.txt"] = out_dir / "summary.txt"
     if progress:
         print(summary)

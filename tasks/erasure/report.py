@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sae.assets import atomic_write_bytes, atomic_write_text
+from sae.locking import folder_lock
 from tasks.erasure.edits import Erasure
 from tasks.erasure.selection import K_METHODS, METHODS, HookStatistics
 
@@ -165,11 +166,11 @@ def label_k_values(figure, labels: list[tuple]) -> list[tuple]:
 
 def write_results(frame, out_dir: Path, settings: dict, progress: bool = True) -> dict[str, str]:
     """OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json, each written atomically; prints the table."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "erasure.csv", "plot": out_dir / "erasure.png", "json": out_dir / "erasure.json"}
-    atomic_write_text(paths["csv"], frame.to_csv(index=False))
-    plot_erasure(frame, paths["plot"], settings.get("concept"))
-    atomic_write_text(paths["json"], json.dumps(settings, indent=2) + "\n")
+    with folder_lock(out_dir):  # another run writing the same OUT is refused: never a table of one, json of another
+        atomic_write_text(paths["csv"], frame.to_csv(index=False))
+        plot_erasure(frame, paths["plot"], settings.get("concept"))
+        atomic_write_text(paths["json"], json.dumps(settings, indent=2) + "\n")
     if progress:
         print(format_erasure_table(frame))
         for path in paths.values():
