@@ -58,6 +58,28 @@ def describe_owner(owner: dict | None) -> str:
     return f"process {owner.get('pid')}{host} (started {owner.get('started')}: {owner.get('command')})"
 
 
+def _in_use(folder: Path, owner: dict | None) -> FolderInUseError:
+    return FolderInUseError(f"{folder} is in use by {describe_owner(owner)}; wait for it or pick another --out")
+
+
+def check_not_in_use(folder: str | Path) -> None:
+    """FolderInUseError now if another process holds `folder`'s lock: a probe for argument checks before any
+    compute (it creates and changes nothing; `folder_lock` still decides when the command starts writing)."""
+    folder = Path(folder)
+    if not (folder / LOCK_FILE).is_file() or folder.resolve() in _HELD:
+        return
+    try:
+        descriptor = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(folder, _read_owner(descriptor)) from None
+    finally:
+        os.close(descriptor)
+
+
 def _acquire(folder: Path) -> int:
     path = folder / LOCK_FILE
     for _ in range(20):  # another process may unlink the file between our open and our flock: try again
@@ -67,8 +89,7 @@ def _acquire(folder: Path) -> int:
         except BlockingIOError:
             owner = _read_owner(descriptor)
             os.close(descriptor)
-            raise FolderInUseError(f"{folder} is in use by {describe_owner(owner)}; wait for it or pick another "
-                                   "--out") from None
+            raise _in_use(folder, owner) from None
         try:
             current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
         except FileNotFoundError:

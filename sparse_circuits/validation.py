@@ -120,6 +120,9 @@ def output_folder(path: Path | None, flag: str = "--out") -> None:
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {path} is an existing file; give a folder (new or existing) instead")
     _check_writable_below(path, flag)
+    from sae.locking import check_not_in_use  # standard library only
+
+    check_not_in_use(path)  # another command writing there: refused now, not after loading the model
 
 
 def output_file(path: Path | None, flag: str = "--out") -> None:

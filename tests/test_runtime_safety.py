@@ -231,3 +231,22 @@ def test_a_trained_folder_is_reused_only_when_its_settings_match(concurrent_runs
     broken = shutil.copytree(folder, tmp_path / HOOK)
     (broken / "cfg.json").unlink()
     assert "has no cfg.json" in reuse_mismatch(broken, request, hook=HOOK, model_name=model, corpus=corpus)
+
+
+def test_the_argument_check_refuses_a_folder_in_use_without_changing_it(tmp_path):
+    import fcntl
+
+    from sae.locking import check_not_in_use
+
+    check_not_in_use(tmp_path)  # no lock file: free
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename,
+                                                  "started": "then", "command": "train"}))
+    check_not_in_use(tmp_path)  # a stale lock: free (taken over when the command starts)
+    holder = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(FolderInUseError, match="is in use by process"):
+            check_not_in_use(tmp_path)
+    finally:
+        os.close(holder)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LOCK_FILE]
