@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from sae import textfiles
 from sae.assets import AssetError, RegistryArtifact, atomic_write_text, cache_dir, fetch_artifact
 from sae.progress import format_bytes, status
 
@@ -48,13 +49,7 @@ class CorpusError(ValueError):
 
 def utf8_lines(path: Path) -> list[str]:
     """The lines of a local corpus file; bytes that are not UTF-8 are a CorpusError naming the file and line."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise CorpusError(f"{path}:{line} is not UTF-8 text (byte 0x{data[error.start]:02x}); a corpus file must be "
-                          "UTF-8 text") from None
+    return textfiles.utf8_lines(path, "corpus", CorpusError)
 
 
 # --------------------------------------------------------------------------- cleaning
@@ -258,22 +253,7 @@ class JsonlCorpus(Corpus):
 
     def documents(self) -> Iterator[Document]:
         for path in self.paths:
-            for number, line in enumerate(utf8_lines(path), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise CorpusError(f"{path}:{number} is not valid JSON ({error})") from error
-                except RecursionError:
-                    raise CorpusError(f"{path}:{number} is nested too deeply to be a corpus line") from None
-                if not isinstance(record, dict):
-                    raise CorpusError(f"{path}:{number} is a JSON {type(record).__name__}, not an object; each line "
-                                      'needs to be an object with a "text" field')
-                if "text" not in record:
-                    raise CorpusError(f"{path}:{number} has no 'text' field; each line needs one")
-                if not isinstance(record["text"], str):
-                    raise CorpusError(f"{path}:{number}: 'text' is a {type(record['text']).__name__}, not a string")
+            for number, record in textfiles.jsonl_text_records(path, "corpus", CorpusError):
                 yield Document(str(record.get("id", f"{path.name}:{number - 1}")),
                                str(record.get("source", path.stem)), record["text"])
 

@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from sae import textfiles
+
 MAX_IOI_PROMPTS = 10_000  # about 1 GB of prompts, caches and feature sets; more is a typo, not a run
 MAX_BASELINE_TOKENS = 2_000_000  # activations held in memory to fit PCA/ICA: 4.6 GB at d_model 576 in float32
 
@@ -162,24 +164,12 @@ def input_folder(path: Path, what: str, hint: str = "") -> Path:
 
 def utf8_lines(path: Path, what: str) -> list[str]:
     """The lines of a UTF-8 text file; a byte that is not UTF-8 is reported with the file and line."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise InputError(f"{what} {path}:{line} is not UTF-8 text (byte 0x{data[error.start]:02x}); "
-                         "save it as UTF-8") from None
+    return textfiles.utf8_lines(path, what, InputError)
 
 
 def read_json_file(path: Path, what: str):
     """A JSON file's value: UTF-8, not nested absurdly deep, valid JSON; each failure names the file."""
-    text = "\n".join(utf8_lines(path, what))
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{what} {path}:{error.lineno} is not valid JSON ({error.msg})") from None
-    except RecursionError:
-        raise InputError(f"{what} {path} is nested too deeply to read; it is not a file this tool wrote") from None
+    return textfiles.read_json(path, what, InputError)
 
 
 # --------------------------------------------------------------------------- corpus, dictionaries, concepts
@@ -187,20 +177,8 @@ def read_json_file(path: Path, what: str):
 
 def jsonl_text_lines(path: Path, what: str) -> None:
     """Every non-empty line of a .jsonl file is a JSON object with a string "text"."""
-    for number, line in enumerate(utf8_lines(path, what), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{what} {path}:{number} is not valid JSON ({error.msg})") from None
-        except RecursionError:
-            raise InputError(f"{what} {path}:{number} is nested too deeply to read") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{what} {path}:{number} is a JSON {type(record).__name__}, not an object; each line "
-                             'needs to be an object with a "text" field')
-        if not isinstance(record.get("text"), str):
-            raise InputError(f"{what} {path}:{number} has no string 'text' field; each line needs one")
+    for _ in textfiles.jsonl_text_records(path, what, InputError):
+        pass
 
 
 def corpus_spec(spec: str, flag: str = "--corpus") -> None:

@@ -69,7 +69,7 @@ def test_bad_corpus_inputs_are_clear_errors(tmp_path):
         load_corpus(str(tmp_path / "missing.txt"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "no text field"}\n')
-    with pytest.raises(CorpusError, match="no 'text' field"):
+    with pytest.raises(CorpusError, match="no string 'text' field"):
         list(load_corpus(str(bad)).documents())
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match="no .txt or .jsonl"):

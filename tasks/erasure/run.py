@@ -9,18 +9,18 @@ activations); statistics are fitted, and edit norms measured, over those positio
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from sae.progress import progress_bar
 
 from circuits.engine import passthrough_positions, run_with_edits
 from circuits.hooks import check_width, sorted_hooks, validate_hooks
 from circuits.metrics import cross_entropy, summed_kl
+from sae import textfiles
 from sae.dictionary import Dictionary
+from sae.progress import progress_bar
 from tasks.erasure.concepts import (Concept, ConceptError, ConceptSplits, gender_concept, tokenize_prompts,
                                     validate_concept)
 from tasks.erasure.edits import Erasure
@@ -220,16 +220,7 @@ def read_concept_file(spec: str | Path) -> ConceptSplits:
     if not path.is_file():
         raise ConceptError(f"unknown concept {str(spec)!r}: use 'gender' or a JSON file of prompts (see "
                            "tasks.erasure.read_concept_file)")
-    raw = path.read_bytes()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
-        raise ConceptError(f"{path}:{line} is not UTF-8 text; save the concept file as UTF-8") from None
-    except json.JSONDecodeError as error:
-        raise ConceptError(f"{path}:{error.lineno} is not valid JSON ({error.msg})") from None
-    except RecursionError:
-        raise ConceptError(f"{path} is nested too deeply to be a concept file") from None
+    data = textfiles.read_json(path, "concept file", ConceptError)
     if not isinstance(data, dict):
         raise ConceptError(f"{path} is not a concept file: it holds a JSON {type(data).__name__}, not an object with "
                            "positive_token, negative_token, and train/test objects of positive and negative prompts")
