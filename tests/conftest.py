@@ -116,3 +116,30 @@ def make_random_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0, hook: str = 
 def random_sae():
     """A factory: random_sae(d_in=32, d_sae=64, seed=0, hook=...) -> a fresh untrained SAE (never shared)."""
     return make_random_sae
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A JSONL corpus of 400 documents of 60 random words of the tiny tokenizer's vocabulary (seeded)."""
+    import json
+
+    folder = tmp_path_factory.mktemp("corpus")
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = [w for w in WORDS if w.isalpha()]
+    with open(folder / "corpus.jsonl", "w") as handle:
+        for d in range(400):
+            picks = torch.randint(len(vocabulary), (60,), generator=generator).tolist()
+            handle.write(json.dumps({"id": f"d{d}", "text": " ".join(vocabulary[p] for p in picks)}) + "\n")
+    return folder / "corpus.jsonl"
+
+
+def sparse_data(n_tokens: int, d_in: int, n_true: int, active: int, seed: int = 0):
+    """Tokens that are sparse nonnegative combinations of `active` of `n_true` unit directions, plus an offset."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_true, d_in, generator=generator)
+    directions /= directions.norm(dim=1, keepdim=True)
+    chosen = torch.rand(n_tokens, n_true, generator=generator).argsort(dim=1)[:, :active]
+    magnitudes = torch.rand(n_tokens, active, generator=generator) * 2 + 0.5
+    coefficients = torch.zeros(n_tokens, n_true).scatter_(1, chosen, magnitudes)
+    offset = torch.randn(d_in, generator=generator) * 0.5
+    return (coefficients @ directions) * 3.0 + offset, directions

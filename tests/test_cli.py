@@ -6,19 +6,6 @@ import pytest
 import torch
 
 from sparse_circuits.cli.main import main
-from tests.conftest import WORDS
-
-
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    generator = torch.Generator().manual_seed(0)
-    vocabulary = [w for w in WORDS if w.isalpha()]
-    with open(folder / "corpus.jsonl", "w") as handle:
-        for d in range(400):
-            picks = torch.randint(len(vocabulary), (60,), generator=generator).tolist()
-            handle.write(json.dumps({"id": f"d{d}", "text": " ".join(vocabulary[p] for p in picks)}) + "\n")
-    return folder / "corpus.jsonl"
 
 
 @pytest.fixture(scope="module")

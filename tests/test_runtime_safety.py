@@ -20,7 +20,6 @@ from sae.config import DictionaryConfig
 from sae.io import load_dictionary, read_tensor_file, save_dictionary
 from sae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from sae.training import TrainingConfig, train_dictionaries
-from tests.conftest import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
@@ -118,18 +117,6 @@ def test_a_dictionary_folder_is_written_as_a_whole(tmp_path, monkeypatch, random
 
 
 # --- two `train` commands on one --out, as subprocesses on the tiny model ----------------------------------
-
-
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    generator = torch.Generator().manual_seed(0)
-    vocabulary = [w for w in WORDS if w.isalpha()]
-    with open(folder / "corpus.jsonl", "w") as handle:
-        for d in range(200):
-            picks = torch.randint(len(vocabulary), (60,), generator=generator).tolist()
-            handle.write(json.dumps({"id": f"d{d}", "text": " ".join(vocabulary[p] for p in picks)}) + "\n")
-    return folder / "corpus.jsonl"
 
 
 def _train_argv(model, corpus, out, tokens=3000) -> list[str]:

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import sparse_data
 
 from sae.batches import TensorBatchSource
 from sae.config import DictionaryConfig
@@ -22,13 +23,7 @@ D_IN, D_SAE = 16, 48
 
 def sparse_activations(n_tokens: int = 8192, d_in: int = D_IN, n_true: int = 48, active: int = 3, seed: int = 0):
     """Sparse nonnegative combinations of `active` of `n_true` unit directions, plus an offset."""
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(n_true, d_in, generator=generator)
-    directions /= directions.norm(dim=1, keepdim=True)
-    chosen = torch.rand(n_tokens, n_true, generator=generator).argsort(dim=1)[:, :active]
-    magnitudes = torch.rand(n_tokens, active, generator=generator) * 2 + 0.5
-    coefficients = torch.zeros(n_tokens, n_true).scatter_(1, chosen, magnitudes)
-    return (coefficients @ directions) * 3.0 + torch.randn(d_in, generator=generator) * 0.5
+    return sparse_data(n_tokens, d_in, n_true, active, seed)[0]
 
 
 def config(architecture: str, **overrides) -> DictionaryConfig:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import sparse_data
 
 import sae.io
 from sae.batches import TensorBatchSource
@@ -21,18 +22,6 @@ from sae.training import (LOG_COLUMNS, CheckpointWriteError, TrainingConfig, def
                           resample_dead_features, train_dictionaries)
 
 HOOK_A, HOOK_B = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
-
-
-def sparse_data(n_tokens: int, d_in: int, n_true: int, active: int, seed: int = 0):
-    """Tokens that are sparse nonnegative combinations of `active` of `n_true` unit directions, plus an offset."""
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(n_true, d_in, generator=generator)
-    directions /= directions.norm(dim=1, keepdim=True)
-    chosen = torch.rand(n_tokens, n_true, generator=generator).argsort(dim=1)[:, :active]
-    magnitudes = torch.rand(n_tokens, active, generator=generator) * 2 + 0.5
-    coefficients = torch.zeros(n_tokens, n_true).scatter_(1, chosen, magnitudes)
-    offset = torch.randn(d_in, generator=generator) * 0.5
-    return (coefficients @ directions) * 3.0 + offset, directions
 
 
 class CountingSource(TensorBatchSource):
