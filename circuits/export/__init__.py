@@ -81,19 +81,17 @@ def export_graph(graph: nx.DiGraph, path: str | Path, fmt: str | None = None, *,
     path = Path(path)
     fmt = _resolve_format(path, fmt)
     validate_graph(graph)
-    if fmt == "json":
-        atomic_write_text(path, graph_to_json_text(graph))
-        return ExportResult(path, fmt, "sparse-circuits")
-    if fmt == "graphml":
-        atomic_write_bytes(path, graphml_bytes(graph))
-        return ExportResult(path, fmt, "networkx")
-    if fmt == "dot":
-        atomic_write_text(path, to_dot(graph))
-        return ExportResult(path, fmt, "sparse-circuits")
-    if fmt == "html":
-        atomic_write_text(path, html_page(graph))
-        return ExportResult(path, fmt, "sparse-circuits")
+    if fmt in _FILE_WRITERS:
+        render, renderer = _FILE_WRITERS[fmt]
+        content = render(graph)
+        (atomic_write_bytes if isinstance(content, bytes) else atomic_write_text)(path, content)
+        return ExportResult(path, fmt, renderer)
     return _export_picture(graph, path, fmt, warn)
+
+
+# format -> (graph -> file contents (text or bytes), what produced them); pictures go through Graphviz or the layout
+_FILE_WRITERS = {"json": (graph_to_json_text, "sparse-circuits"), "graphml": (graphml_bytes, "networkx"),
+                 "dot": (to_dot, "sparse-circuits"), "html": (html_page, "sparse-circuits")}
 
 
 def _resolve_format(path: Path, fmt: str | None) -> str:
