@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised GPT-2 and Llama models (built here, no download)
+"""Shared fixtures: tiny randomly initialised GPT-2, Llama and Gemma-3 models (built here, no download)
 behind a word-level tokenizer, loaded through the same `load_model(folder)` path as real models."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def build_word_tokenizer():
 
 
 def save_tiny_model(folder: Path, architecture: str, seed: int = 0, n_layers: int = 4, d_model: int = 32) -> Path:
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
 
     tokenizer = build_word_tokenizer()
     vocab = len(tokenizer)
@@ -43,6 +43,14 @@ def save_tiny_model(folder: Path, architecture: str, seed: int = 0, n_layers: in
     elif architecture == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=128,
                             bos_token_id=1, eos_token_id=2)
+    elif architecture == "gemma3":
+        # Sliding window 4, alternating with full attention: Gemma-3's mix shows beyond 4 tokens.
+        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=d_model // 4, sliding_window=4, max_position_embeddings=128,
+                                  layer_types=["sliding_attention", "full_attention"] * (n_layers // 2),
+                                  final_logit_softcapping=None, tie_word_embeddings=True,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
     else:
         raise ValueError(architecture)
     torch.manual_seed(seed)
@@ -63,6 +71,11 @@ def tiny_gpt2_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma_folder(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_gemma"), "gemma3")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_folder):
     from circuits.models import load_model
 
@@ -74,6 +87,13 @@ def tiny_gpt2(tiny_gpt2_folder):
     from circuits.models import load_model
 
     return load_model(str(tiny_gpt2_folder), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tiny_gemma_folder):
+    from circuits.models import load_model
+
+    return load_model(str(tiny_gemma_folder), device="cpu")
 
 
 @pytest.fixture(params=["llama", "gpt2"])
