@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -140,7 +141,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
                 "HF folder path."
             ) from error
         raise ModelLoadError(f"could not load the model folder {folder}: {error}") from error
-    return bridge_from_hf(hf_model, tokenizer, name=source, device=device, display_name=name)
+    bridge = bridge_from_hf(hf_model, tokenizer, name=source, device=device, display_name=name)
+    bridge.model_folder = folder  # where its weights came from (None: the hub), for model_sha256
+    return bridge
 
 
 @contextlib.contextmanager
@@ -173,3 +176,36 @@ def bridge_from_hf(hf_model, tokenizer, name: str, device: str = "cpu", display_
 
 def model_name_of(model) -> str:
     return getattr(model, "model_name_for_files", None) or getattr(model.cfg, "model_name", "model")
+
+
+def model_sha256(model) -> str | None:
+    """The sha256 of the model's model.safetensors when it was loaded from a local folder or the registry (streamed,
+    once per file version); None for a hub model or a model built in memory. A model sharded into several
+    safetensors files gets the sha256 of their sha256s, in name order."""
+    from sae.io import file_sha256
+
+    folder = getattr(model, "model_folder", None)
+    if folder is None:
+        return None
+    single = Path(folder) / "model.safetensors"
+    files = [single] if single.is_file() else sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(path) for path in files).encode()).hexdigest()
+
+
+def model_provenance(model) -> dict:
+    """{"name", "sha256"} of a model, as results record it."""
+    return {"name": model_name_of(model), "sha256": model_sha256(model)}
+
+
+def provenance(model, dictionaries: dict, seed: int | None = None, **extra) -> dict:
+    """What a results folder records to be reproduced: the model (name, sha256), each dictionary's sha256
+    ({name: dictionary or folder}; sae.io.dictionary_sha256), the seed, and `extra` (e.g. IOI templates)."""
+    from sae.io import dictionary_sha256
+
+    return {"model": model_provenance(model), "dictionaries": {name: dictionary_sha256(dictionary)
+                                                                for name, dictionary in dictionaries.items()},
+            "seed": seed, **extra}

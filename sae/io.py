@@ -7,6 +7,7 @@ caller expects). A broken file is reported as `DictionaryFileError`, never a raw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from sae.assets import atomic_write_bytes, atomic_write_text
+from sae.assets import atomic_write_bytes, atomic_write_text, sha256_of
 from sae.config import DictionaryConfig, check_saelens_options
 from sae.dictionary import Dictionary
 from sae.options import OptionError
@@ -235,7 +236,40 @@ def load_dictionary(folder: str | Path, expected_d_in: int | None = None, device
         raise DictionaryFileError(f"{weights_path}: {error}") from error
     if options.rescale_acts_by_decoder_norm:
         dictionary.scale_features_(dictionary.W_dec.detach().norm(dim=-1))
+    dictionary.weights_file = weights_path  # its provenance: dictionary_sha256 hashes this file
     return dictionary.to(device=device, dtype=_torch_dtype(cfg.dtype)).eval()
+
+
+def dictionary_sha256(dictionary_or_folder: Dictionary | str | Path) -> str:
+    """The sha256 identifying a dictionary in results: of its sae_weights.safetensors when it is a folder or was
+    loaded from one (streamed, once per file version), else of its tensors (float32, in name order, each with its
+    name and shape)."""
+    if isinstance(dictionary_or_folder, (str, Path)):
+        return file_sha256(Path(dictionary_or_folder) / WEIGHTS_FILE)
+    weights_file = getattr(dictionary_or_folder, "weights_file", None)
+    if weights_file is not None and Path(weights_file).is_file():
+        return file_sha256(Path(weights_file))
+    module = dictionary_or_folder
+    tensors = module.saelens_tensors() if hasattr(module, "saelens_tensors") else module.state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{list(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered for its (path, size, modification time) so a file is read once."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = sha256_of(path)
+    return _FILE_HASHES[key]
 
 
 def find_dictionary_folders(parent: str | Path) -> list[Path]:

@@ -330,3 +330,11 @@ def concept_file(spec: str) -> None:
         if tokens[0] == tokens[1]:
             raise InputError(f"{path}: {split} uses {tokens[0]!r} as both the positive and the negative token; "
                              "the two sides need different target tokens")
+
+
+def ioi_template_file(path: Path, flag: str = "--templates") -> None:
+    """An IOI template file: UTF-8, one template per line (blank and '#' lines skipped), each with the placeholders
+    the IOI data module requires ({A}, {B} once each, {S}); an error names the file and line."""
+    from tasks.ioi_templates import read_template_file  # standard library only
+
+    read_template_file(input_file(path, f"{flag} file"), InputError)

@@ -166,3 +166,56 @@ def test_real_model_splicing_is_exact_and_the_benchmark_runs(random_sae, real_mo
     row = result.summary.set_index("dictionary").loc["pca"]
     assert row["kl_unpatched"] > 0.5 and abs(row["kl_all_features"]) < 1e-3
     assert row["features_to_reach_kl_target"] < row["n_candidates"]
+
+
+TEMPLATE_FILE = """# custom IOI templates for the tiny word-level vocabulary
+when {A} and {B} went to the {PLACE} {S} gave the {OBJECT} to
+
+then {A} and {B} met at the {PLACE} and {S} gave it to
+"""
+
+
+def test_cli_templates_file_and_provenance(random_sae, tiny_llama_folder, tmp_path):
+    """`ioi --templates FILE` runs with exactly those templates, and details.json records the provenance:
+    templates, names, seed, the model's and the dictionary's sha256 (of their safetensors files)."""
+    import hashlib
+    import json
+
+    from sparse_circuits.cli.main import main
+
+    saes = tmp_path / "saes"
+    save_dictionary(random_sae(hook=HOOK), saes / HOOK)
+    (tmp_path / "templates.txt").write_text(TEMPLATE_FILE)
+    argv = ["ioi", "--model", str(tiny_llama_folder), "--sae", str(saes / HOOK), "--prompts", "4", "--baselines",
+            "none", "--confirm-top", "0", "--prune-evals", "1", "--names", "Mary,John,Tom,Anna", "--seed", "3",
+            "--templates", str(tmp_path / "templates.txt"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    details = json.loads((tmp_path / "out" / "details.json").read_text())
+    provenance = details["provenance"]
+    assert provenance["templates"] == ["when {A} and {B} went to the {PLACE} {S} gave the {OBJECT} to",
+                                       "then {A} and {B} met at the {PLACE} and {S} gave it to"]
+    assert provenance["names"] == ["Mary", "John", "Tom", "Anna"] and provenance["seed"] == 3
+    assert provenance["places"] and provenance["objects"]
+
+    def sha256(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert provenance["dictionaries"] == {"sae": sha256(saes / HOOK / "sae_weights.safetensors")}
+    assert provenance["model"] == {"name": str(tiny_llama_folder),
+                                   "sha256": sha256(tiny_llama_folder / "model.safetensors")}
+
+
+def test_dictionary_sha256_of_a_folder_a_loaded_and_an_unsaved_dictionary(random_sae, tmp_path):
+    import hashlib
+
+    from sae.io import dictionary_sha256, load_dictionary
+
+    sae = random_sae(hook=HOOK)
+    folder = save_dictionary(sae, tmp_path / "sae")
+    on_disk = hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
+    assert dictionary_sha256(folder) == dictionary_sha256(load_dictionary(folder)) == on_disk
+    in_memory = dictionary_sha256(sae)
+    assert len(in_memory) == 64 and in_memory == dictionary_sha256(sae)
+    with torch.no_grad():
+        sae.W_dec.add_(1.0)
+    assert dictionary_sha256(sae) != in_memory

@@ -13,7 +13,9 @@ from sparse_circuits.validation import (MAX_BASELINE_TOKENS, MAX_IOI_PROMPTS, bo
 DESCRIPTION = """Patch features from counterfactual IOI prompts (IO name replaced) into clean ones at one hook
 point and find the smallest feature sets that reach a KL target, for an SAE and the baselines (PCA,
 ICA, neurons, random directions, a non-sparse autoencoder). Writes OUT/curves.csv, OUT/summary.csv,
-OUT/curves.png and OUT/details.json, and prints the summary.
+OUT/curves.png and OUT/details.json (with the provenance: templates, names, seed, model and dictionary
+sha256s), and prints the summary. --templates FILE replaces the built-in templates: one per line, with
+{A} {B} (the two names), {S} (the subject, repeated), {PLACE} and {OBJECT}.
 
 With no --sae it runs at blocks.{0.6 n_layers}.hook_resid_post (blocks.18 of SmolLM2's 30), with an SAE
 found in the cache (<cache>/ioi/saes/<hook> or the demo's) or trained there first (100k tokens, 16
@@ -48,6 +50,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="also patch the SAE error term from the counterfactual in every set (only features are "
                              "counted); default: the error stays at its clean value")
     parser.add_argument("--names", help="comma-separated IO/S names to use, each one token (default: the built-in list)")
+    parser.add_argument("--templates", type=Path, metavar="FILE",
+                        help="IOI templates, one per line ('#' lines and blank lines skipped), with the placeholders "
+                             "{A} and {B} (the two names, once each), {S} (the subject, repeated), {PLACE} and "
+                             "{OBJECT}, e.g. 'When {A} and {B} went to the {PLACE}, {S} gave a {OBJECT} to' "
+                             "(default: the built-in ten)")
     parser.add_argument("--train-tokens", type=positive_int, default=IOI_TRAIN_TOKENS,
                         help="tokens to train an SAE on when none is found")
     parser.add_argument("--seed", type=seed, default=0, help="seed for prompts, baselines and training")
@@ -66,6 +73,8 @@ def check_arguments(args) -> None:
         validation.hook_names([args.hook])
     if args.names is not None and len([name for name in args.names.split(",") if name.strip()]) < 2:
         raise validation.InputError(f"--names {args.names!r}: give at least two comma-separated names")
+    if args.templates is not None:
+        validation.ioi_template_file(args.templates)
     validation.corpus_spec(args.corpus)
 
 
@@ -73,6 +82,7 @@ def run(args) -> None:
     from circuits.models import load_model
     from sparse_circuits.pipelines.ioi import IOIRequest, check_baseline_names, run_ioi
     from tasks.ioi import SearchSettings
+    from tasks.ioi_templates import read_template_file
 
     baselines = [] if args.baselines.strip().lower() in ("", "none") else [
         name.strip() for name in args.baselines.split(",") if name.strip()]
@@ -83,6 +93,7 @@ def run(args) -> None:
     request = IOIRequest(sae=args.sae, hook=args.hook, prompts=args.prompts, baselines=baselines,
                          baseline_tokens=args.baseline_tokens, corpus=args.corpus,
                          names=[name.strip() for name in args.names.split(",")] if args.names else None,
+                         templates=read_template_file(args.templates) if args.templates is not None else None,
                          train_tokens=args.train_tokens, seed=args.seed, out=args.out, settings=settings)
     model = load_model(args.model, device=args.device)
     result = run_ioi(model, request)

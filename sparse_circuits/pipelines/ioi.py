@@ -36,6 +36,7 @@ class IOIRequest:
     baseline_tokens: int = 20_000
     corpus: str = "registry"  # text for fitting baselines / training an SAE (when no activation store)
     names: list[str] | None = None  # IO/S names, each one token
+    templates: list[str] | None = None  # IOI templates ({A} {B} {S} {PLACE} {OBJECT}); None: the built-in ones
     train_tokens: int = IOI_TRAIN_TOKENS
     seed: int = 0
     out: Path | None = None  # None: <cache>/ioi/<hook>
@@ -141,7 +142,8 @@ def cached_baselines(model, hook: str, names: list[str], *, sae, tokens: int, se
 def run_ioi(model, request: IOIRequest):
     """Find (or train) the SAE, fit or reuse the baselines, run the benchmark; returns its result."""
     check_baseline_names(request.baselines)
-    generate_ioi_prompts(model.tokenizer, request.prompts, seed=request.seed, names=request.names)  # bad names: early
+    generate_ioi_prompts(model.tokenizer, request.prompts, seed=request.seed, names=request.names,
+                         templates=request.templates)  # bad names or templates: early
     if request.sae is not None:
         folders, hook = sae_folders_for(request.sae, request.hook)
     else:
@@ -161,4 +163,4 @@ def run_ioi(model, request: IOIRequest):
                                                    corpus=request.corpus, store=store if store.exists() else None,
                                                    out=out)}
         return run_ioi_benchmark(model, dictionaries, hook, request.prompts, out, seed=request.seed,
-                                 settings=request.settings, names=request.names)
+                                 settings=request.settings, names=request.names, templates=request.templates)

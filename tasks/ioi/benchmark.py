@@ -14,7 +14,8 @@ gives each prompt its own set instead. The search per dictionary is tasks/ioi/se
 
 Outputs: curves.csv (every evaluated set), summary.csv (per dictionary: features to reach the KL
 target, area under the curve, ...; tasks/ioi/curves.py), curves.png (KL against features patched and
-against edit size), details.json (settings, clean performance, timings by phase, attribution checks).
+against edit size), details.json (settings, clean performance, timings by phase, attribution checks, and the
+provenance: templates, names, places, objects, seed, model and dictionary sha256s).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from sae.dictionary import Dictionary
 from sae.progress import status
 from tasks.ioi.baselines import BASELINE_NAMES
 from tasks.ioi.curves import curve_rows, format_summary, plot_curves, summary_table
-from tasks.ioi.data import generate_ioi_prompts, tokenize_ioi
+from tasks.ioi.data import TEMPLATES, generate_ioi_prompts, ioi_words, tokenize_ioi
 from tasks.ioi.search import FEATURE_SETS, DictionaryCurve, PhaseTimes, SearchSettings, search_dictionary
 
 OUTPUT_FILES = ("curves.csv", "summary.csv", "curves.png", "details.json")
@@ -87,6 +88,7 @@ def run_ioi_benchmark(model, dictionaries: dict[str, Dictionary], hook: str, n_p
     check_dictionaries(model, hook, dictionaries)
     with phases("prompts"):
         prompts = generate_ioi_prompts(model.tokenizer, n_prompts, seed=seed, templates=templates, names=names)
+        words = ioi_words(model.tokenizer, names)
         batch = tokenize_ioi(model, prompts)
     with phases("clean_counterfactual_runs"):
         run = CachedRun(model, hook, batch.clean_tokens, batch.final_positions, batch.counterfactual_tokens,
@@ -108,11 +110,13 @@ def run_ioi_benchmark(model, dictionaries: dict[str, Dictionary], hook: str, n_p
         for phase, seconds in curve.timings.items():
             phases.add(phase, seconds)
         curves.append(curve)
-    from circuits.models import model_name_of
+    from circuits.models import model_name_of, provenance
 
     header = {"model": model_name_of(model), "hook": hook, "n_prompts": n_prompts, "seed": seed,
               "kl_target": target, "kl_unpatched": kl_unpatched, "clean_performance": performance,
-              "settings": settings.__dict__}
+              "settings": settings.__dict__,
+              "provenance": provenance(model, dictionaries, seed, templates=list(TEMPLATES if templates is None
+                                                                                 else templates), **words)}
     with phases("outputs"):
         result = write_outputs(Path(out_dir), curves, header, phases)
     if progress:

@@ -14,8 +14,6 @@ name, place and object is used as one token with its leading space (" Mary").
 from __future__ import annotations
 
 import random
-import re
-import string
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -24,23 +22,10 @@ from sae.progress import progress_bar
 
 from circuits.engine import final_logits
 from circuits.metrics import logit_difference
+from tasks.ioi_templates import (NAME_PLACEHOLDERS, PLACEHOLDERS, TEMPLATES, IOIDataError,  # noqa: F401 (re-exported)
+                                 check_template, read_template_file, template_problems)
 
 ORDERS = ("ABBA", "BABA")
-NAME_PLACEHOLDERS = ("A", "B", "S")
-PLACEHOLDERS = frozenset(NAME_PLACEHOLDERS + ("PLACE", "OBJECT"))
-
-TEMPLATES: tuple[str, ...] = (
-    "When {A} and {B} went to the {PLACE}, {S} gave a {OBJECT} to",
-    "When {A} and {B} got a {OBJECT} at the {PLACE}, {S} decided to give it to",
-    "After {A} and {B} went to the {PLACE}, {S} gave a {OBJECT} to",
-    "While {A} and {B} were working at the {PLACE}, {S} gave a {OBJECT} to",
-    "Then, {A} and {B} went to the {PLACE}. {S} gave a {OBJECT} to",
-    "Then, {A} and {B} had a long argument at the {PLACE}. Afterwards {S} said to",
-    "When {A} and {B} met at the {PLACE}, {S} brought a {OBJECT} and gave it to",
-    "Then, {A} and {B} were thinking about going to the {PLACE}. {S} wanted to give a {OBJECT} to",
-    "When {A} and {B} arrived at the {PLACE}, it was already late, and after a short rest {S} handed the {OBJECT} to",
-    "After a long day at the {PLACE}, {A} and {B} walked home together. Later that evening, {S} sent a {OBJECT} to",
-)
 
 # Common English first names, places and objects (objects fit "a {OBJECT}": no leading vowel).
 NAMES: tuple[str, ...] = tuple(
@@ -62,10 +47,6 @@ OBJECTS: tuple[str, ...] = tuple(
 )
 
 MIN_NAMES = 3  # IO, S and the counterfactual name C must all differ
-
-
-class IOIDataError(ValueError):
-    """IOI templates or word lists that cannot give well-formed prompts under this tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -143,28 +124,13 @@ def checked_words(tokenizer, words: Iterable[str] | None, default: Sequence[str]
     return words
 
 
-def check_template(template: str) -> None:
-    """A template needs {A}, {B} once each, {S} at least once, a space before every name, no other fields."""
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    unknown = sorted(set(fields) - PLACEHOLDERS)
-    problems = []
-    if unknown:
-        problems.append(f"unknown placeholders {unknown}")
-    if fields.count("A") != 1 or fields.count("B") != 1:
-        problems.append("{A} and {B} must appear exactly once each")
-    if "S" not in fields:
-        problems.append("{S} must appear at least once")
-    for match in re.finditer(r"\{(A|B|S)\}", template):
-        if match.start() == 0 or template[match.start() - 1] != " ":
-            problems.append(f"{match.group()} must follow a space (names are tokens with a leading space)")
-            break
-    if template != template.rstrip():
-        problems.append("it must not end with whitespace (the answer token carries the space)")
-    if problems:
-        raise IOIDataError(
-            f"bad IOI template {template!r}: {'; '.join(problems)}. "
-            f"Example: {TEMPLATES[0]!r}"
-        )
+def ioi_words(tokenizer, names: Iterable[str] | None = None, places: Iterable[str] | None = None,
+              objects: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """{"names", "places", "objects"}: the words prompts are drawn from (given ones checked, built-in ones
+    filtered to single tokens), as generate_ioi_prompts uses them and results record them."""
+    return {"names": checked_words(tokenizer, names, NAMES, "names", minimum=MIN_NAMES),
+            "places": checked_words(tokenizer, places, PLACES, "places"),
+            "objects": checked_words(tokenizer, objects, OBJECTS, "objects")}
 
 
 def fill_template(template: str, order: str, *, io: str, s: str, place: str, obj: str) -> str:
@@ -201,9 +167,8 @@ def generate_ioi_prompts(
         raise IOIDataError("templates is empty; pass at least one template or None for the built-in ones")
     for template in templates:
         check_template(template)
-    names = checked_words(tokenizer, names, NAMES, "names", minimum=MIN_NAMES)
-    places = checked_words(tokenizer, places, PLACES, "places")
-    objects = checked_words(tokenizer, objects, OBJECTS, "objects")
+    words = ioi_words(tokenizer, names, places, objects)
+    names, places, objects = words["names"], words["places"], words["objects"]
 
     rng = random.Random(seed)
     prompts = []
