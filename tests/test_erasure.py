@@ -250,6 +250,9 @@ def test_sweep_writes_the_table_plot_and_settings(sweep):
         assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
     settings = json.loads(open(paths["json"]).read())
     assert len(settings["chosen_features"][HOOK]["sae_attribution"]) == max(KS)
+    provenance = settings["provenance"]  # the same block as the IOI details.json
+    assert set(provenance) >= {"model", "dictionaries", "seed"} and list(provenance["dictionaries"]) == [HOOK]
+    assert len(provenance["dictionaries"][HOOK]) == 64
 
 
 # ----------------------------------------------------------------------------------------------

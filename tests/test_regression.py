@@ -60,6 +60,8 @@ CHANGED = {
 ADDED = {
     "n_layers": "issue 17: trace graph 'graph.n_layers' (the model's depth), so the HTML page can mark the "
                 "promoted/suppressed tokens of a feature far from the output as direct effects that say little",
+    "provenance": "issue 16: trace graph 'graph.provenance' (model and dictionary sha256s, seed), so a graph names "
+                  "exactly what it was traced from",
 }
 
 # Deliberate changes after the redesign that replace whole CSV rows: output -> (key columns, why). The replacing rows

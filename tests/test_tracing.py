@@ -580,6 +580,11 @@ def test_trace_and_export_picks_a_feature_and_writes_the_files(tiny_llama, saved
     assert graph.nodes[target_node(graph)]["hook"] == TARGET_HOOK  # the deepest dictionary
     assert "<svg" in paths["diagram.svg"].read_text() and "circuit-data" in paths["diagram.html"].read_text()
     assert "strongest paths" in paths["summary.txt"].read_text()
+    from sae.io import dictionary_sha256
+
+    provenance = graph.graph["provenance"]  # what the graph was traced from
+    assert provenance["dictionaries"] == {hook: dictionary_sha256(dictionary) for hook, dictionary in dictionaries.items()}
+    assert provenance["seed"] == 0 and set(provenance["model"]) == {"name", "sha256"}
 
 
 def test_length_buckets_pad_least():

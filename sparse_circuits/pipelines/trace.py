@@ -66,8 +66,17 @@ def trace_feature(model, dictionaries, feature=None, corpus=None, texts: list[st
                                         pad_id=pad_token_id(model))
     else:
         raise ValueError("no contexts: give texts (--contexts FILE) or a corpus to find contexts in")
-    return run_upstream_trace(model, dictionaries, target, contexts, method=method, depth=depth,
-                              top_k_per_layer=top_k_per_layer, scan=scan, progress=progress, **options)
+    result = run_upstream_trace(model, dictionaries, target, contexts, method=method, depth=depth,
+                                top_k_per_layer=top_k_per_layer, scan=scan, progress=progress, **options)
+    return with_provenance(result, model, dictionaries, seed)
+
+
+def with_provenance(result, model, dictionaries, seed: int | None):
+    """The trace result with graph.graph["provenance"]: model and dictionary sha256s and the seed."""
+    from circuits.models import provenance
+
+    result.graph.graph["provenance"] = provenance(model, dictionaries, seed)
+    return result
 
 
 def feature_request(feature, dictionaries) -> tuple[str, int | None]:
@@ -157,8 +166,9 @@ def trace_logit(model, dictionaries, token: str, other: str | None, texts: list[
     from circuits.tracing import contexts_from_texts, logit_target, run_upstream_trace
 
     target = logit_target(model, token, other)
-    return run_upstream_trace(model, dictionaries, target, contexts_from_texts(model, texts, target), method=method,
-                              depth=depth, top_k_per_layer=top_k_per_layer, progress=progress, **options)
+    result = run_upstream_trace(model, dictionaries, target, contexts_from_texts(model, texts, target), method=method,
+                                depth=depth, top_k_per_layer=top_k_per_layer, progress=progress, **options)
+    return with_provenance(result, model, dictionaries, None)
 
 
 def export_saved_graph(graph_path: Path, output: Path, fmt: str | None = None, *, threshold: float | None = None,

@@ -18,6 +18,7 @@ import torch
 from circuits.engine import passthrough_positions, run_with_edits
 from circuits.hooks import check_width, sorted_hooks, validate_hooks
 from circuits.metrics import cross_entropy, summed_kl
+from circuits.models import provenance
 from sae import textfiles
 from sae.dictionary import Dictionary
 from sae.progress import progress_bar
@@ -290,5 +291,5 @@ def run_erasure(model, dictionaries: dict[str, Dictionary], concept_splits: Conc
                 "held_out_tokens": int(contexts.numel()), "clean_ce_loss": text[0],
                 "edited_positions": "every position but BOS and massive activations (the engine's pass-through rule)",
                 "fitted_at": "train split, final prompt position (every edited position for *_all_positions)",
-                "chosen_features": chosen}
+                "chosen_features": chosen, "provenance": provenance(model, dictionaries, seed)}
     return write_results(frame, Path(out_dir), settings, progress)
