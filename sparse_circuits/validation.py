@@ -290,46 +290,16 @@ def seed(text: str) -> int:
     return value
 
 
-def _text(value, where: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise InputError(f"{where} is {value!r}; expected a non-empty string")
-
-
 def concept_file(spec: str) -> None:
-    """A concept JSON file (see tasks.erasure.read_concept_file): every field's type, checked before torch loads;
-    the library checks the same again when it reads the file."""
+    """A concept JSON file, every field's type checked before torch loads, by the same reader the library uses
+    (tasks.concept_files, standard library only)."""
+    from tasks.concept_files import read_concept_data
+
     path = Path(spec).expanduser()
     if not path.is_file():
         raise MissingInputError(f"unknown concept {spec!r}: use 'gender' or a JSON file of prompts (see "
-                         "tasks.erasure.read_concept_file)")
-    data = read_json_file(path, "concept file")
-    if not isinstance(data, dict) or any(key not in data for key in ("positive_token", "negative_token", "train",
-                                                                       "test")):
-        raise InputError(f"{path} is not a concept file: it needs an object with positive_token, negative_token, "
-                         "and train/test objects with positive and negative prompt lists")
-    for key in ("name", "positive_token", "negative_token"):
-        if key in data:
-            _text(data[key], f"{path}: '{key}'")
-    for split in ("train", "test", "transfer"):
-        part = data.get(split)
-        if split not in data:
-            continue
-        if not isinstance(part, dict):
-            raise InputError(f"{path}: '{split}' is a {type(part).__name__}; expected an object with 'positive' "
-                             "and 'negative' prompt lists")
-        for side in ("positive", "negative"):
-            prompts = part.get(side)
-            if not isinstance(prompts, list) or not prompts:
-                raise InputError(f"{path}: {split}.{side} is {type(prompts).__name__} {prompts!r:.60}; expected a "
-                                 "non-empty JSON list of prompt strings")
-            for index, prompt in enumerate(prompts):
-                _text(prompt, f"{path}: {split}.{side}[{index}]")
-        tokens = [part.get(key, data[key]) for key in ("positive_token", "negative_token")]
-        for key, token in zip(("positive_token", "negative_token"), tokens):
-            _text(token, f"{path}: {split}.{key}")
-        if tokens[0] == tokens[1]:
-            raise InputError(f"{path}: {split} uses {tokens[0]!r} as both the positive and the negative token; "
-                             "the two sides need different target tokens")
+                                "tasks.erasure.read_concept_file)")
+    read_concept_data(path, InputError)
 
 
 def ioi_template_file(path: Path, flag: str = "--templates") -> None:

@@ -19,9 +19,9 @@ from circuits.engine import passthrough_positions, run_with_edits
 from circuits.hooks import check_width, sorted_hooks, validate_hooks
 from circuits.metrics import cross_entropy, summed_kl
 from circuits.models import provenance
-from sae import textfiles
 from sae.dictionary import Dictionary
 from sae.progress import progress_bar
+from tasks.concept_files import read_concept_data
 from tasks.erasure.concepts import (Concept, ConceptError, ConceptSplits, gender_concept, tokenize_prompts,
                                     validate_concept)
 from tasks.erasure.edits import Erasure
@@ -200,54 +200,16 @@ def load_concept_splits(spec: str, tokenizer, seed: int = 0, n_shots_per_side: i
     return read_concept_file(spec)
 
 
-def _text_field(value, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConceptError(f"{where} is {value!r}; expected a non-empty string")
-    return value
-
-
-def _prompt_list(value, where: str) -> list[str]:
-    if not isinstance(value, list) or not value:
-        raise ConceptError(f"{where} is {type(value).__name__} {value!r:.60}; expected a non-empty JSON list of "
-                           "prompt strings")
-    return [_text_field(prompt, f"{where}[{index}]") for index, prompt in enumerate(value)]
-
-
 def read_concept_file(spec: str | Path) -> ConceptSplits:
-    """A concept JSON file: {"name", "positive_token", "negative_token", "train": {"positive": [...],
-    "negative": [...]}, "test": {...}, optional "transfer": {... and optional tokens}}. Every field's type is
-    checked (a side given as one string is an error, not one prompt per character); needs no tokenizer."""
+    """A concept JSON file (the format is in tasks/concept_files.py), every field's type checked; needs no
+    tokenizer."""
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ConceptError(f"unknown concept {str(spec)!r}: use 'gender' or a JSON file of prompts (see "
                            "tasks.erasure.read_concept_file)")
-    data = textfiles.read_json(path, "concept file", ConceptError)
-    if not isinstance(data, dict):
-        raise ConceptError(f"{path} is not a concept file: it holds a JSON {type(data).__name__}, not an object with "
-                           "positive_token, negative_token, and train/test objects of positive and negative prompts")
-    missing = [key for key in ("positive_token", "negative_token", "train", "test") if key not in data]
-    if missing:
-        raise ConceptError(f"{path} is not a concept file: it has no {', '.join(missing)}; it needs positive_token, "
-                           "negative_token, and train/test objects with positive and negative prompt lists")
-    name = _text_field(data.get("name", path.stem), f"{path}: 'name'")
-    positive_token = _text_field(data["positive_token"], f"{path}: 'positive_token'")
-    negative_token = _text_field(data["negative_token"], f"{path}: 'negative_token'")
-    splits = {}
-    for split in ("train", "test", "transfer"):
-        if split not in data:
-            continue
-        part = data[split]
-        if not isinstance(part, dict):
-            raise ConceptError(f"{path}: '{split}' is a {type(part).__name__}; expected an object with 'positive' "
-                               "and 'negative' prompt lists")
-        sides = [_prompt_list(part.get(side), f"{path}: {split}.{side}") for side in ("positive", "negative")]
-        tokens = [_text_field(part.get(key, default), f"{path}: {split}.{key}")
-                  for key, default in (("positive_token", positive_token), ("negative_token", negative_token))]
-        if tokens[0] == tokens[1]:
-            raise ConceptError(f"{path}: {split} uses {tokens[0]!r} as both the positive and the negative token; "
-                               "the two sides need different target tokens")
-        splits[split] = Concept(name, *sides, *tokens, split)
-    return ConceptSplits(splits["train"], splits["test"], splits.get("transfer"))
+    name, splits = read_concept_data(path, ConceptError)
+    concepts = {split: Concept(name, *part, split) for split, part in splits.items()}
+    return ConceptSplits(concepts["train"], concepts["test"], concepts.get("transfer"))
 
 
 # ----------------------------------------------------------------------------------------------
