@@ -8,7 +8,6 @@ mistakes must not import torch.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from pathlib import Path
@@ -215,35 +214,14 @@ def hook_names(hooks: list[str] | None, flag: str = "--hook") -> None:
                              "'blocks.12.hook_resid_post'")
 
 
-def _safetensors_header(path: Path) -> None:
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 2 or 8 + length > size:
-            raise InputError(f"{path} is truncated or not a safetensors file ({size} bytes); re-save or "
-                             "re-download it")
-        try:
-            header = json.loads(handle.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            header = None
-    if not isinstance(header, dict):
-        raise InputError(f"{path} is truncated or not a safetensors file (unreadable header); re-save or "
-                         "re-download it")
-
-
 def dictionary_folders(folder: Path, flag: str = "--sae") -> dict[Path, dict]:
     """{folder: cfg.json contents} for every dictionary folder at or under `folder`, each cfg.json type-checked
     and each weights file's header read (standard library only: before torch is imported)."""
     from sae.config_checks import ConfigError, check_cfg_json
+    from sae.folders import DictionaryFileError, find_dictionary_folders, read_safetensors_header
 
     folder = input_folder(folder, flag, "pass a folder written by `sparse-circuits train`")
-    if (folder / "cfg.json").is_file():
-        folders = [folder]
-    else:
-        folders = sorted(path.parent for path in folder.rglob("cfg.json")
-                         if not any(part.startswith(".") or part == "checkpoints"
-                                    for part in path.relative_to(folder).parts))
+    folders = find_dictionary_folders(folder)
     if not folders:
         raise InputError(f"{flag} {folder} holds no dictionary folder (sae_weights.safetensors + cfg.json); "
                          "pass a folder written by `sparse-circuits train`")
@@ -257,7 +235,10 @@ def dictionary_folders(folder: Path, flag: str = "--sae") -> dict[Path, dict]:
             check_cfg_json(configs[each])
         except ConfigError as error:
             raise InputError(f"{each / 'cfg.json'} is not a valid dictionary config: {error}") from None
-        _safetensors_header(weights)
+        try:
+            read_safetensors_header(weights)
+        except DictionaryFileError as error:
+            raise InputError(str(error)) from None
     return configs
 
 
