@@ -289,3 +289,49 @@ def ioi_template_file(path: Path, flag: str = "--templates") -> None:
     from tasks.ioi_templates import read_template_file  # standard library only
 
     read_template_file(input_file(path, f"{flag} file"), InputError)
+
+
+def feature_selection(spec: str, n_features: int | None = None, flag: str = "--features") -> list[int] | str | None:
+    """--features: 'all' (None), 'auto' (the features that fire), or indices and ranges such as '0-199,512';
+    each index checked against `n_features` when known. Returns None, 'auto' or the sorted unique indices."""
+    spec = spec.strip()
+    if spec in ("all", "auto"):
+        return None if spec == "all" else "auto"
+    indices: set[int] = set()
+    for part in spec.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise InputError(f"{flag} {spec!r}: {part.strip()!r} is not an index or a range such as 0-199; give "
+                             "'all', 'auto' or indices and ranges separated by commas")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise InputError(f"{flag} {spec!r}: the range {part.strip()} is empty (it ends before it starts)")
+        if n_features is not None and last >= n_features:
+            raise InputError(f"{flag} {spec!r}: index {last:,} is out of range; the dictionary has {n_features:,} "
+                             f"features (0 to {n_features - 1:,})")
+        if last - first > 10_000_000:
+            raise InputError(f"{flag} {spec!r}: the range {part.strip()} is larger than any dictionary")
+        indices.update(range(first, last + 1))
+    return sorted(indices)
+
+
+def dashboard_site_folder(path: Path, flag: str = "--out") -> None:
+    """A site folder for `dashboard --out`: absent, empty or an earlier site (replaced whole), writable, not in use."""
+    from circuits.dashboard.folders import SiteError, check_site_folder  # standard library only
+
+    try:
+        check_site_folder(Path(path).expanduser(), flag)
+    except SiteError as error:
+        raise InputError(str(error)) from None
+    output_folder(path, flag)
+
+
+def dashboard_site(path: Path, flag: str = "--dashboard") -> None:
+    """An existing dashboard site whose pages circuit pages link to."""
+    from circuits.dashboard.folders import SiteError, read_site  # standard library only
+
+    input_folder(path, f"{flag} site", "build one with `sparse-circuits dashboard`")
+    try:
+        read_site(Path(path).expanduser(), flag)
+    except SiteError as error:
+        raise InputError(str(error)) from None
