@@ -28,11 +28,18 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "token on average over the batch (saved as SAELens saves it, a JumpReLU with its "
                              "threshold); jumprelu: a learned threshold per feature, L0 penalty")
     parser.add_argument("--expansion", type=positive_int, default=4, help="d_sae / d_in (the paper's R)")
-    parser.add_argument("--l1", type=nonnegative_float, nargs="+", default=[1e-3],
+    parser.add_argument("--l1", type=nonnegative_float, nargs="+", default=None,
                         help="sparsity coefficient(s): the L1 alpha (relu) or the L0 weight (jumprelu); several "
-                             "train a sweep from one harvest")
-    parser.add_argument("--k", type=positive_int, nargs="+", default=[32],
-                        help="active features (topk, batchtopk); several train a sweep from one harvest")
+                             "train a sweep from one harvest (default 1e-3; the L0 it gives depends on the model and "
+                             "layer: use --target-l0 to ask for an L0)")
+    parser.add_argument("--k", type=positive_int, nargs="+", default=None,
+                        help="active features (topk, batchtopk); several train a sweep from one harvest (default 32)")
+    parser.add_argument("--target-l0", type=positive_float, default=None, metavar="N",
+                        help="calibrate the sparsity per hook to give L0 N instead of --l1/--k: k = N for topk and "
+                             "batchtopk; for relu and jumprelu short pilot runs of several coefficients choose it "
+                             "(reported, and kept in OUT/calibration.json and each cfg.json)")
+    parser.add_argument("--pilot-tokens", type=positive_int, default=None,
+                        help="tokens per calibration pilot (default: a quarter of the run, at least 262,144)")
     tied = parser.add_mutually_exclusive_group()
     tied.add_argument("--tied", dest="tied", action="store_true", default=True,
                       help="encoder = decoder transpose, as in the paper (default)")
@@ -54,6 +61,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 MAX_EPOCHS = 1_000
+MAX_TARGET_L0 = 100_000  # the width check itself runs once the model's d_model is known
 
 
 def check_arguments(args) -> None:
@@ -63,6 +71,14 @@ def check_arguments(args) -> None:
     if args.epochs > MAX_EPOCHS:
         raise validation.InputError(f"--epochs {args.epochs:g} is more than {MAX_EPOCHS:,} passes; give fewer epochs "
                                     "or harvest more --tokens")
+    if args.target_l0 is not None and (args.l1 is not None or args.k is not None):
+        given = "--l1" if args.l1 is not None else "--k"
+        raise validation.InputError(f"give --target-l0 or {given}, not both: --target-l0 chooses the sparsity setting")
+    if args.pilot_tokens is not None and args.target_l0 is None:
+        raise validation.InputError("--pilot-tokens sets the calibration pilots of --target-l0; give --target-l0 too")
+    if args.target_l0 is not None and args.target_l0 > MAX_TARGET_L0:
+        raise validation.InputError(f"--target-l0 {args.target_l0:g} is not a plausible L0 (active features per token, "
+                                    "below the dictionary width); give a number such as 40")
     validation.output_folder(args.out, "--out")
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
@@ -78,18 +94,20 @@ def run(args) -> None:
 
     request = TrainRequest(
         hooks=args.hook, tokens=args.tokens, architecture=ARCHITECTURES[args.arch],
-        expansion=args.expansion, l1_coefficients=args.l1, k_values=args.k, tied=args.tied, epochs=args.epochs,
-        context_size=args.context_size, batch_size=args.batch_size, lr=args.lr, store_dtype=args.store_dtype,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, resample_dead=args.resample_dead,
-        activations_dir=args.activations)
+        expansion=args.expansion, l1_coefficients=args.l1 or [1e-3], k_values=args.k or [32], tied=args.tied,
+        epochs=args.epochs, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
+        store_dtype=args.store_dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        resample_dead=args.resample_dead, activations_dir=args.activations, target_l0=args.target_l0,
+        pilot_tokens=args.pilot_tokens)
     corpus = load_corpus(args.corpus)
     model = load_model(args.model, device=args.device)
     validate_hooks(model, args.hook)
     results = train_on_model(model, corpus, request, args.out)
     for result in results:
         metrics = result.metrics
-        print(f"{result.folder}: L0 {metrics.get('l0', float('nan')):.1f}, FVU {metrics.get('fvu', float('nan')):.3f} "
-              f"(training batch)")
+        target = f" (target {args.target_l0:g})" if args.target_l0 is not None else ""
+        print(f"{result.folder}: L0 {metrics.get('l0', float('nan')):.1f}{target}, FVU "
+              f"{metrics.get('fvu', float('nan')):.3f} (training batch)")
     if args.evaluate_tokens:
         evaluated = evaluate_folders(model, [result.folder for result in results], corpus, args.evaluate_tokens,
                                      context_size=args.context_size)

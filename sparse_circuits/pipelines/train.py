@@ -6,6 +6,7 @@ notebooks and the demo call it too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,10 @@ from sae.config import DictionaryConfig
 from sae.corpus import Corpus, tokenize_contexts
 from sae.io import WEIGHTS_FILE, read_dictionary_config, read_safetensors_header
 from sae.locking import folder_lock
+from sae.assets import atomic_write_text
+from sae.textfiles import read_json
 from sae.training import TrainingConfig, TrainResult, train_dictionaries
+from sae.training.calibration import calibrate_sparsity, default_pilot_tokens
 
 
 @dataclass
@@ -44,6 +48,8 @@ class TrainRequest:
     resample_dead: bool = False
     resample_every: int = 2000
     activations_dir: Path | None = None  # the activation store; None: <out_dir>/activations
+    target_l0: float | None = None  # calibrate alpha (or k) per hook to this L0 instead of using the settings above
+    pilot_tokens: int | None = None  # tokens per calibration pilot; None: a quarter of the run (at least 2^18)
 
     def dictionary_configs(self, d_in_of, model_name: str) -> list[DictionaryConfig]:
         """One config per (hook, sparsity setting: the coefficients or the k values, whichever the architecture
@@ -89,6 +95,8 @@ def request_record(request: TrainRequest, corpus: Corpus | None) -> dict:
     (without the corpus when it is None)."""
     record = {"tokens": request.tokens, "epochs": request.epochs, "context_size": request.context_size,
               "store_dtype": request.store_dtype}
+    if request.target_l0 is not None:
+        record["target_l0"] = request.target_l0
     if corpus is not None:
         record["corpus"] = corpus.describe()
     return json.loads(json.dumps(record))
@@ -130,7 +138,7 @@ def reuse_mismatch(folder: Path, request: TrainRequest, *, hook: str, model_name
     if recorded is not None:
         expected.update({key: (recorded.get(key), value) for key, value in request_record(request, corpus).items()})
     differing = [f"{name} {have!r}, not {want!r}" for name, (have, want) in expected.items() if have != want]
-    if sparsity not in [*request.l1_coefficients, *request.k_values]:
+    if request.target_l0 is None and sparsity not in [*request.l1_coefficients, *request.k_values]:
         differing.append(f"sparsity setting {sparsity!r}, not one of the requested")
     return f"{folder} differs from the request: {'; '.join(differing)}" if differing else None
 
@@ -159,6 +167,47 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
         raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "
                          f"{request.batch_size}; ask for more --tokens or a smaller --batch-size")
     configs = request.dictionary_configs(store.d_in, model_name_of(model))
+    if request.target_l0 is not None:
+        configs = calibrated_configs(store, configs, training, request, out_dir, progress=progress)
     for config in configs:
         config.extra["request"] = request_record(request, corpus)
     return train_dictionaries(store, configs, training, out_dir, progress=progress)
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibrated_configs(store, configs: list[DictionaryConfig], training: TrainingConfig, request: TrainRequest,
+                       out_dir: Path, *, progress: bool = True) -> list[DictionaryConfig]:
+    """One config per hook with its sparsity calibrated to `request.target_l0` (sae.training.calibration).
+
+    The choice is kept in OUT/calibration.json (written atomically) and reused by a rerun with the same
+    request, so a resumed run trains the same dictionary without repeating the pilots."""
+    pilot_tokens = request.pilot_tokens if request.pilot_tokens is not None else default_pilot_tokens(training.total_tokens)
+    path = out_dir / CALIBRATION_FILE
+    kept = read_json(path, "calibration file") if path.exists() else {}
+    kept = kept if isinstance(kept, dict) else {}
+    chosen_configs = []
+    for hook in dict.fromkeys(config.hook_name for config in configs):
+        config = next(config for config in configs if config.hook_name == hook)
+        key = json.dumps({"hook": hook, "architecture": config.architecture, "d_sae": config.d_sae, "tied": config.tied,
+                          "seed": config.seed, "target_l0": request.target_l0, "pilot_tokens": pilot_tokens,
+                          "total_tokens": training.total_tokens, "batch_size": training.batch_size, "lr": training.lr},
+                         sort_keys=True)
+        record = kept.get(key)
+        if record is None:
+            calibration = calibrate_sparsity(store, config, training, request.target_l0, out_dir / "calibration_pilots",
+                                             pilot_tokens=pilot_tokens, progress=progress)
+            record = kept[key] = calibration.record()
+            atomic_write_text(path, json.dumps(kept, indent=1))
+            if progress:
+                print(f"calibrated {calibration.describe()}")
+        elif progress:
+            print(f"calibrated {hook}: {record['setting']} {record['chosen']:.4g} for target L0 {request.target_l0:g} "
+                  f"(kept in {path})")
+        value = record["chosen"]
+        uses_k = record["setting"] == "k"
+        chosen_configs.append(dataclasses.replace(
+            config, l1_coefficient=0.0 if uses_k else float(value), k=int(value) if uses_k else None,
+            extra={**config.extra, "calibration": record}))
+    return chosen_configs

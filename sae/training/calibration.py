@@ -1,0 +1,163 @@
+"""Sparsity set by a target L0 instead of a coefficient: `calibrate_sparsity`.
+
+A coefficient does not transfer between models and layers (measured: L1 alpha 1e-3 gives L0 183 at
+SmolLM2-135M blocks.12 and L0 31, half the features dead, at Gemma-3-270M's middle layer), so
+`train --target-l0 N` asks for the L0 and this module finds the setting that gives it:
+
+- architectures whose sparsity setting is k (TopK, BatchTopK): k = N; no pilot is needed (TopK's L0 is
+  k by construction, BatchTopK's is k on average over a batch);
+- architectures with a coefficient (ReLU + L1, JumpReLU's L0 weight): short pilot trainings of several
+  coefficients at once (one pass over the first `pilot_tokens` of the same batches, the same schedule
+  shape), each measured on a sample of typical tokens (massive activations left out, as in training);
+  log L0 is interpolated linearly in log coefficient between the two trials that bracket N, and a second
+  round trains three coefficients close to that estimate; the trial whose L0 is closest to N in ratio,
+  or the interpolation between the bracketing pair of all trials, is chosen.
+
+The pilot is shorter than the run, so the final L0 can differ from the pilot's; `pilot_tokens` defaults
+to a quarter of the run (at least 2^18 tokens, at most the whole run) and the drift is reported by the
+caller (training logs the final L0 beside the target). Pilot dictionaries are trained in a scratch folder
+that is removed afterwards; the trials are returned (and recorded by the caller in cfg.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from sae.batches import BatchSource
+from sae.config import DictionaryConfig
+from sae.metrics import l0, typical_token_mask
+from sae.registry import architecture_class
+from sae.training.config import TrainingConfig
+
+MIN_PILOT_TOKENS = 1 << 18
+PILOT_FRACTION = 0.25
+FIRST_ROUND_FACTORS = (1 / 8, 1 / 3, 1.0, 3.0, 9.0)  # times the starting coefficient
+SECOND_ROUND_FACTORS = (0.8, 1.0, 1.25)  # times the first round's estimate
+MEASURE_SEED = 1_000_003  # the L0 sample is drawn with its own seed, not the training order
+MEASURE_ROWS = 8192
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What `calibrate_sparsity` chose for one hook, and the trials behind it."""
+
+    hook: str
+    architecture: str
+    target_l0: float
+    setting: str  # "l1_coefficient" or "k"
+    chosen: float
+    pilot_tokens: int
+    trials: list[tuple[float, float]]  # (coefficient, measured pilot L0), in the order trained
+
+    def record(self) -> dict:
+        """The JSON form kept in cfg.json extra.calibration."""
+        return {"target_l0": self.target_l0, "setting": self.setting, "chosen": self.chosen,
+                "pilot_tokens": self.pilot_tokens, "trials": [[value, l0_] for value, l0_ in self.trials]}
+
+    def describe(self) -> str:
+        if not self.trials:
+            return f"{self.hook}: {self.setting} {self.chosen:g} for target L0 {self.target_l0:g} (exact by construction)"
+        tried = ", ".join(f"{value:.3g} -> L0 {measured:.1f}" for value, measured in self.trials)
+        return (f"{self.hook}: {self.setting} {self.chosen:.4g} for target L0 {self.target_l0:g} "
+                f"(pilots on {self.pilot_tokens:,} tokens: {tried})")
+
+
+def default_pilot_tokens(total_tokens: int) -> int:
+    """A quarter of the run, at least 2^18 tokens, never more than the run."""
+    return min(total_tokens, max(MIN_PILOT_TOKENS, int(PILOT_FRACTION * total_tokens)))
+
+
+def pilot_training(training: TrainingConfig, pilot_tokens: int) -> TrainingConfig:
+    """The run's schedule shrunk to `pilot_tokens` (warm-up and decay keep their share of the steps)."""
+    full_steps = training.total_steps
+    pilot = dataclasses.replace(training, total_tokens=max(training.batch_size, pilot_tokens), checkpoint_every=None,
+                                resample_dead=False, log_every=max(1, training.log_every))
+    share = pilot.total_steps / full_steps
+    warmup = max(1, round(training.lr_warmup_steps * share)) if training.lr_warmup_steps else 0
+    l1_warmup = None if training.l1_warmup_steps is None else max(1, round(training.l1_warmup_steps * share))
+    return dataclasses.replace(pilot, lr_warmup_steps=warmup, l1_warmup_steps=l1_warmup)
+
+
+def measured_l0(dictionary, rows: torch.Tensor) -> float:
+    """Mean active features per typical token (massive activations left out, as training leaves them out)."""
+    rows = rows[typical_token_mask(rows)]
+    with torch.no_grad():
+        return float(l0(dictionary.encode(rows)).mean())
+
+
+def measurement_rows(source: BatchSource, hook: str, batch_size: int) -> torch.Tensor:
+    """About MEASURE_ROWS activations at `hook`, drawn in the run's batch size with a seed of their own."""
+    batches = source.batches([hook], batch_size, MEASURE_SEED)
+    parts = [next(batches)[hook].float() for _ in range(max(1, math.ceil(MEASURE_ROWS / batch_size)))]
+    return torch.cat(parts)
+
+
+def interpolate_setting(trials: list[tuple[float, float]], target_l0: float) -> float | None:
+    """The coefficient at which log L0 reaches log target, linear in log coefficient between the closest
+    bracketing pair of trials (L0 falls as the coefficient grows); None when no pair brackets the target."""
+    points = sorted((value, measured) for value, measured in trials if value > 0 and measured > 0)
+    best = None
+    for (low, l0_low), (high, l0_high) in zip(points, points[1:]):
+        if not (l0_low >= target_l0 >= l0_high) or l0_low == l0_high:
+            continue
+        t = (math.log(l0_low) - math.log(target_l0)) / (math.log(l0_low) - math.log(l0_high))
+        estimate = math.exp(math.log(low) + t * (math.log(high) - math.log(low)))
+        width = math.log(high / low)
+        if best is None or width < best[0]:
+            best = (width, estimate)
+    return None if best is None else best[1]
+
+
+def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: TrainingConfig, target_l0: float,
+                       scratch_dir: str | Path, *, pilot_tokens: int | None = None, progress: bool = True,
+                       device: str | torch.device = "cpu", max_rounds: int = 4) -> Calibration:
+    """Find the sparsity setting of `config`'s architecture that gives L0 `target_l0` at its hook."""
+    from sae.training.loop import train_dictionaries  # the loop imports nothing from here
+
+    if not (math.isfinite(target_l0) and 0 < target_l0 < config.d_sae):
+        raise ValueError(f"target L0 must be above 0 and below the dictionary width {config.d_sae}, got {target_l0}")
+    setting = getattr(architecture_class(config.architecture), "sparsity_setting", "l1_coefficient")
+    hook = config.hook_name
+    if setting == "k":
+        return Calibration(hook, config.architecture, target_l0, "k", float(max(1, round(target_l0))), 0, [])
+    pilot_tokens = default_pilot_tokens(training.total_tokens) if pilot_tokens is None else pilot_tokens
+    pilot = pilot_training(training, pilot_tokens)
+    rows = measurement_rows(source, hook, training.batch_size)
+    start = config.l1_coefficient if config.l1_coefficient > 0 else 1e-3
+    scratch = Path(scratch_dir)
+    trials: list[tuple[float, float]] = []
+
+    def run_round(index: int, values: list[float]) -> None:
+        configs = [dataclasses.replace(config, l1_coefficient=float(value), extra={}) for value in values]
+        names = [f"pilot_{position}" for position in range(len(configs))]
+        folder = scratch / f"round_{index}"
+        shutil.rmtree(folder, ignore_errors=True)
+        results = train_dictionaries(source, configs, pilot, folder, names=names, progress=progress, device=device)
+        for value, result in zip(values, results):
+            trials.append((float(value), measured_l0(result.dictionary, rows)))
+
+    try:
+        run_round(0, [start * factor for factor in FIRST_ROUND_FACTORS])
+        for index in range(1, max_rounds):
+            estimate = interpolate_setting(trials, target_l0)
+            if estimate is None:  # every trial on one side: move past the extreme trial
+                values = [value for value, _ in trials]
+                too_dense = all(measured > target_l0 for _, measured in trials)
+                extreme = max(values) if too_dense else min(values)
+                run_round(index, [extreme * (9.0 if too_dense else 1 / 9) * factor for factor in (1 / 3, 1.0, 3.0)])
+                continue
+            run_round(index, [estimate * factor for factor in SECOND_ROUND_FACTORS])
+            break
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    chosen = interpolate_setting(trials, target_l0)
+    if chosen is None:
+        value, measured = min(trials, key=lambda trial: abs(math.log(trial[1] / target_l0)) if trial[1] > 0 else math.inf)
+        raise ValueError(f"could not reach L0 {target_l0:g} at '{hook}': the closest pilot ({setting} {value:.3g}) gave "
+                         f"L0 {measured:.1f}; trials: {trials}")
+    return Calibration(hook, config.architecture, target_l0, setting, chosen, pilot.total_tokens, trials)
