@@ -335,3 +335,47 @@ def dashboard_site(path: Path, flag: str = "--dashboard") -> None:
         read_site(Path(path).expanduser(), flag)
     except SiteError as error:
         raise InputError(str(error)) from None
+
+
+IOI_SEARCHES = ("attribution", "greedy")  # = tasks.ioi.SEARCHES
+IOI_GREEDY_ORDERS = ("attribution", "random")  # = tasks.ioi.GREEDY_ORDERS
+
+
+def ioi_thresholds(text: str | None, flag: str = "--thresholds") -> tuple[float, ...] | None:
+    """Comma-separated greedy thresholds: finite, > 0 (a removal is kept when it raises KL by less)."""
+    if text is None:
+        return None
+    values = []
+    for item in [part.strip() for part in text.split(",") if part.strip()]:
+        try:
+            value = float(item)
+        except ValueError:
+            raise InputError(f"{flag} {text!r}: {item!r} is not a number; give numbers > 0, e.g. 1e-4,1e-3,1e-2") from None
+        if not math.isfinite(value) or value <= 0:
+            raise InputError(f"{flag} {text!r}: {item} is not a finite number > 0 (a threshold bounds how much one "
+                             "removal may raise KL)")
+        values.append(value)
+    if not values:
+        raise InputError(f"{flag} {text!r}: give at least one threshold, e.g. 1e-4,1e-3,1e-2")
+    return tuple(sorted(set(values)))
+
+
+def ioi_search_options(args) -> None:
+    """The IOI search's options together: what the greedy search cannot do, and flags that exclude each other."""
+    if args.search not in IOI_SEARCHES:
+        raise InputError(f"--search {args.search!r}: choose one of {', '.join(IOI_SEARCHES)}")
+    if args.greedy_order not in IOI_GREEDY_ORDERS:
+        raise InputError(f"--greedy-order {args.greedy_order!r}: choose one of {', '.join(IOI_GREEDY_ORDERS)}")
+    ioi_thresholds(args.thresholds)
+    if args.search == "greedy" and args.per_prompt:
+        raise InputError("--per-prompt: the greedy search finds one set shared by all prompts; use --search "
+                         "attribution for per-prompt sets")
+    if args.error_node and args.patch_error:
+        raise InputError("--error-node and --patch-error exclude each other: --error-node patches the error term "
+                         "as one node the search counts (and greedy may remove); --patch-error patches it in every "
+                         "set without counting it. Give one")
+    if args.search != "greedy":
+        given = [flag for flag, value in (("--thresholds", args.thresholds), ("--greedy-start", args.greedy_start))
+                 if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to --search greedy")

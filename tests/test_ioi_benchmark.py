@@ -189,7 +189,9 @@ def test_cli_templates_file_and_provenance(random_sae, tiny_llama_folder, tmp_pa
     argv = ["ioi", "--model", str(tiny_llama_folder), "--sae", str(saes / HOOK), "--prompts", "4", "--baselines",
             "none", "--confirm-top", "0", "--prune-evals", "1", "--names", "Mary,John,Tom,Anna", "--seed", "3",
             "--templates", str(tmp_path / "templates.txt"), "--out", str(tmp_path / "out")]
-    assert main(argv) == 0
+    assert main(argv) == 2  # the random model gets all 4 prompts wrong: an error, not a run on failed prompts
+    assert not (tmp_path / "out" / "details.json").exists()
+    assert main(argv + ["--keep-failed-prompts"]) == 0
     details = json.loads((tmp_path / "out" / "details.json").read_text())
     provenance = details["provenance"]
     assert provenance["templates"] == ["when {A} and {B} went to the {PLACE} {S} gave the {OBJECT} to",

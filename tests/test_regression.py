@@ -75,6 +75,10 @@ CHANGED_ROWS = {
                           "draw; the sae_random rows change, every other row is unchanged"),
 }
 
+# issue 13: `ioi` now drops prompts the model gets wrong (clean logit difference <= 0) unless told to keep them; the
+# recorded run used every prompt (a random tiny model gets about half wrong), so the command keeps them.
+KEEP_FAILED_PROMPTS = ["--keep-failed-prompts"]
+
 # The outputs compared, per model (relative to the run's output folder).
 OUTPUTS = ("evaluate.json", "ioi/summary.csv", "ioi/curves.csv", "trace_attribution.json",
            "trace_ablation.json", "erase/erasure.csv")
@@ -92,7 +96,7 @@ def commands(model_folder: Path, saes: Path, out: Path, model: str) -> list[list
          "--json", str(out / "evaluate.json")],
         ["ioi", *common, "--sae", str(saes / "blocks.2.hook_resid_post"), "--prompts", "8", "--baselines",
          "pca,random", "--baseline-tokens", "300", "--confirm-top", "4", "--prune-evals", "2", "--seed", "0",
-         "--out", str(out / "ioi")],
+         "--out", str(out / "ioi"), *KEEP_FAILED_PROMPTS],
         ["trace", *trace, "--method", "attribution", "--out", str(out / "trace_attribution.json")],
         ["trace", *trace, "--method", "ablation", "--out", str(out / "trace_ablation.json")],
         ["erase", *common, "--sae", str(saes), "--layers", "2", "--k", "1", "2", "--ce-tokens", "64",

@@ -20,7 +20,14 @@ sha256s), and prints the summary. --templates FILE replaces the built-in templat
 With no --sae it runs at blocks.{0.6 n_layers}.hook_resid_post (blocks.18 of SmolLM2's 30), with an SAE
 found in the cache (<cache>/ioi/saes/<hook> or the demo's) or trained there first (100k tokens, 16
 epochs: 10-20 minutes on a 2-core CPU, once). Baselines are fitted once per output folder and reused
-(OUT/baselines/)."""
+(OUT/baselines/).
+
+--search greedy runs the paper's search instead (Cunningham et al. 2024, after ACDC): every candidate feature
+patched, then each one removed whose removal raises KL by less than a threshold, for a sweep of thresholds
+(default the paper's 50, 1e-5 .. 1); OUT/report.csv gives, for either search and every basis, the KL at 8,
+32, 128 and 512 features, the features to reach the KL target and 75% of the basis's own reduction, with 95%
+bootstrap intervals over prompts. Prompts the model gets wrong (clean logit difference <= 0) are dropped and
+counted (details.json "dropped_prompts") unless --keep-failed-prompts."""
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -49,6 +56,28 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--patch-error", action="store_true",
                         help="also patch the SAE error term from the counterfactual in every set (only features are "
                              "counted); default: the error stays at its clean value")
+    parser.add_argument("--search", default="attribution",
+                        help="attribution (default: ranked prefixes, bisection, pruning) or greedy (the paper's: "
+                             "ACDC-style removal over a threshold sweep)")
+    parser.add_argument("--thresholds", metavar="T1,T2,...",
+                        help="greedy: thresholds on the KL rise one removal may cause (default: the paper's 50, "
+                             "log-spaced 1e-5 .. 1)")
+    parser.add_argument("--greedy-order", default="attribution",
+                        help="greedy visiting order: attribution (least helpful first; default) or random (the "
+                             "paper's, seeded)")
+    parser.add_argument("--greedy-start", type=positive_int,
+                        help="greedy: start from the top K candidates by attribution (cheaper; default: every candidate)")
+    parser.add_argument("--speculation", type=positive_int, default=8,
+                        help="greedy: removals evaluated together in one batch (same result as one at a time)")
+    parser.add_argument("--max-evals", type=positive_int,
+                        help="budget of exact evaluations per dictionary (greedy: removal trials); a search that "
+                             "runs out stops with what it found and says so (default: no budget)")
+    parser.add_argument("--error-node", action="store_true",
+                        help="patch the SAE error term too, counted as one node (greedy may remove it)")
+    parser.add_argument("--bootstrap", type=nonnegative_int, default=1000,
+                        help="prompt resamples for the report's 95%% intervals (0: none)")
+    parser.add_argument("--keep-failed-prompts", action="store_true",
+                        help="keep prompts the model gets wrong (default: dropped and counted)")
     parser.add_argument("--names", help="comma-separated IO/S names to use, each one token (default: the built-in list)")
     parser.add_argument("--templates", type=Path, metavar="FILE",
                         help="IOI templates, one per line ('#' lines and blank lines skipped), with the placeholders "
@@ -75,11 +104,13 @@ def check_arguments(args) -> None:
         raise validation.InputError(f"--names {args.names!r}: give at least two comma-separated names")
     if args.templates is not None:
         validation.ioi_template_file(args.templates)
+    validation.ioi_search_options(args)
     validation.corpus_spec(args.corpus)
 
 
 def run(args) -> None:
     from circuits.models import load_model
+    from sparse_circuits import validation
     from sparse_circuits.pipelines.ioi import IOIRequest, check_baseline_names, run_ioi
     from tasks.ioi import SearchSettings
     from tasks.ioi_templates import read_template_file
@@ -89,12 +120,17 @@ def run(args) -> None:
     check_baseline_names(baselines)  # before loading the model
     settings = SearchSettings(kl_target=args.kl_target, kl_target_fraction=args.kl_target_fraction,
                               confirm_top=args.confirm_top, prune_evals=args.prune_evals,
-                              feature_sets="per_prompt" if args.per_prompt else "shared", patch_error=args.patch_error)
+                              feature_sets="per_prompt" if args.per_prompt else "shared", patch_error=args.patch_error,
+                              search=args.search, max_evals=args.max_evals, error_node=args.error_node,
+                              thresholds=validation.ioi_thresholds(args.thresholds), greedy_order=args.greedy_order,
+                              greedy_start=args.greedy_start, speculation=args.speculation, bootstrap=args.bootstrap,
+                              seed=args.seed)
     request = IOIRequest(sae=args.sae, hook=args.hook, prompts=args.prompts, baselines=baselines,
                          baseline_tokens=args.baseline_tokens, corpus=args.corpus,
                          names=[name.strip() for name in args.names.split(",")] if args.names else None,
                          templates=read_template_file(args.templates) if args.templates is not None else None,
-                         train_tokens=args.train_tokens, seed=args.seed, out=args.out, settings=settings)
+                         train_tokens=args.train_tokens, seed=args.seed, out=args.out, settings=settings,
+                         drop_failed=not args.keep_failed_prompts)
     model = load_model(args.model, device=args.device)
     result = run_ioi(model, request)
     print(f"\nKL target {result.kl_target:.4g} (unpatched KL {result.summary['kl_unpatched'].iloc[0]:.4g}); "

@@ -41,6 +41,7 @@ class IOIRequest:
     seed: int = 0
     out: Path | None = None  # None: <cache>/ioi/<hook>
     settings: SearchSettings = field(default_factory=SearchSettings)
+    drop_failed: bool = True  # prompts the model gets wrong are dropped (and counted in details.json)
 
 
 def check_baseline_names(names: list[str]) -> None:
@@ -163,4 +164,5 @@ def run_ioi(model, request: IOIRequest):
                                                    corpus=request.corpus, store=store if store.exists() else None,
                                                    out=out)}
         return run_ioi_benchmark(model, dictionaries, hook, request.prompts, out, seed=request.seed,
-                                 settings=request.settings, names=request.names, templates=request.templates)
+                                 settings=request.settings, names=request.names, templates=request.templates,
+                                 drop_failed=request.drop_failed)

@@ -62,8 +62,10 @@ def smallest_reaching(curve: DictionaryCurve, target: float) -> dict | None:
 
 def summarise(curve: DictionaryCurve, target: float, kl_unpatched: float, n_max: int) -> dict:
     """One summary.csv row (SUMMARY_COLUMNS) for a dictionary's curve."""
+    from tasks.ioi.report import floor_point
+
     smallest = smallest_reaching(curve, target)
-    full = [point for point in curve.points if point["method"] == "threshold_sweep"]
+    full = floor_point(curve)
     return {
         "dictionary": curve.name,
         "features_to_reach_kl_target": smallest["n_features"] if smallest else float("nan"),
@@ -71,7 +73,7 @@ def summarise(curve: DictionaryCurve, target: float, kl_unpatched: float, n_max:
         "area_under_curve": area_under_curve(curve.points, kl_unpatched, n_max),
         "edit_norm_at_target": smallest["edit_norm"] if smallest else float("nan"),
         "best_kl": clip_kl(min((point["kl"] for point in curve.points), default=float("nan"))),
-        "kl_all_features": clip_kl(full[-1]["kl"]) if full else float("nan"),
+        "kl_all_features": clip_kl(full["kl"]) if full else float("nan"),
         "kl_unpatched": kl_unpatched,
         "n_features": curve.n_features,
         "n_candidates": curve.n_candidates,

@@ -16,6 +16,12 @@ Every exact evaluation runs the model from the hook on (circuits.engine.FeatureP
 
 With `feature_sets="per_prompt"` each prompt gets its own set (its own top k features by its own
 attribution; n_features is then k, the count per prompt); ACDC pruning is skipped there.
+
+`max_evals` caps the exact evaluations of phases 2-3 (confirmation is a check, not counted): a search
+that runs out stops with the sets found so far and says so (`DictionaryCurve.stopped`). `error_node`
+patches the error term in every set like `patch_error` but counts it as one more node (n_features + 1
+for a dictionary with an error term). The paper's own search (ACDC-style greedy removal over a
+threshold sweep) is tasks/ioi/greedy.py (`search="greedy"`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from sae.progress import status
 
 DEFAULT_KL_TARGET_FRACTION = 0.25  # of the unpatched KL(clean || counterfactual)
 FEATURE_SETS = ("shared", "per_prompt")
+SEARCHES = ("attribution", "greedy")
+GREEDY_ORDERS = ("attribution", "random")
+PAPER_THRESHOLDS = (1e-5, 1.0, 50)  # the paper's sweep: 50 thresholds log-spaced from 1e-5 to 1
 
 
 @dataclass
@@ -48,6 +57,15 @@ class SearchSettings:
     feature_sets: str = "shared"  # "shared": one set for all prompts; "per_prompt": each prompt its own top k
     confirm_top: int = 50
     max_batch_tokens: int = 16384
+    search: str = "attribution"  # or "greedy": the paper's ACDC-style removal (tasks/ioi/greedy.py)
+    max_evals: int | None = None  # exact evaluations the search may spend (None: no cap)
+    error_node: bool = False  # the error term is one more node (greedy: removable; attribution: patched, counted)
+    thresholds: tuple[float, ...] | None = None  # greedy: the sweep; None: PAPER_THRESHOLDS
+    greedy_order: str = "attribution"  # greedy visiting order: least helpful first by attribution, or "random"
+    greedy_start: int | None = None  # greedy: start from the top k candidates by attribution (None: all)
+    speculation: int = 8  # greedy: most removals evaluated together in one batch (1: strictly one at a time)
+    bootstrap: int = 1000  # resamples of the prompts for the report's confidence intervals (0: none)
+    seed: int = 0  # the random visiting order and the bootstrap
 
 
 @dataclass
@@ -65,6 +83,13 @@ class DictionaryCurve:
     timings: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
     n_features: int = 0
+    search: str = "attribution"
+    stopped: str = ""  # why the search ended before its end (the evaluation budget), "" when it did not
+    details: dict = field(default_factory=dict)  # search-specific settings and counts (details.json)
+
+
+class BudgetExhausted(Exception):
+    """The search spent its `max_evals` exact evaluations."""
 
 
 class PhaseTimes:
@@ -150,17 +175,25 @@ class _Search:
         self.patcher, self.metrics, self.curve, self.settings = patcher, metrics, curve, settings
 
     def evaluate(self, sets: list, sizes: Sequence[int], method: str, thresholds: Sequence[float]) -> list[dict]:
+        budget = self.settings.max_evals
+        if budget is not None:
+            if self.curve.evaluations >= budget:
+                raise BudgetExhausted
+            sets = sets[: budget - self.curve.evaluations]
         if not sets:
             return []
-        result = self.patcher.evaluate(sets, self.metrics, include_error=self.settings.patch_error,
+        patch_error = self.settings.patch_error or self.settings.error_node
+        result = self.patcher.evaluate(sets, self.metrics, include_error=patch_error,
                                        max_batch_tokens=self.settings.max_batch_tokens)
         self.curve.evaluations += len(sets)
+        counted = int(self.settings.error_node and self.curve.details.get("has_error_term", True))
         points = []
         for index, features in enumerate(sets):
-            point = {"dictionary": self.curve.name, "method": method, "n_features": int(sizes[index]),
+            point = {"dictionary": self.curve.name, "method": method, "n_features": int(sizes[index]) + counted,
                      "edit_norm": result.edit_norm[index].item(), "kl": result.values["kl"][index].item(),
                      "logit_diff": result.values["logit_diff"][index].item(),
-                     "threshold": float(thresholds[index]), "members": _members(features)}
+                     "threshold": float(thresholds[index]), "members": _members(features),
+                     "kl_per_prompt": result.per_prompt["kl"][index]}
             points.append(point)
         self.curve.points.extend(points)
         return points
@@ -224,6 +257,10 @@ def search_dictionary(name: str, patcher: FeaturePatcher, metrics: dict, target:
     With `progress`, one line per phase as it ends, prefixed by `label` (default: the name).
     """
     curve = DictionaryCurve(name, n_features=patcher.n_features)
+    if settings.error_node:
+        from tasks.ioi.greedy import has_error_term
+
+        curve.details["has_error_term"] = has_error_term(patcher)
     search = _Search(patcher, metrics, curve, settings)
     phases = PhaseTimes()
     say = _PhaseReport(phases, curve, label or name, progress)
@@ -240,18 +277,23 @@ def search_dictionary(name: str, patcher: FeaturePatcher, metrics: dict, target:
     order = CandidateOrder(scores, patcher.candidates(per_prompt))
     curve.order, curve.n_candidates = order.top(order.size), order.size
     say("attribution", f"{order.size} candidate features ranked")
-    with phases("threshold_sweep"):
-        if settings.patch_error:
-            search.evaluate([[]], [0], "error_only", [float("nan")])
-        sweep = search.sweep(order, target)
-    best = min((point["kl"] for point in sweep), default=float("nan"))
-    say("threshold_sweep", f"best KL {0.0 if -1e-6 <= best < 0 else best:.3g} (target {target:.3g})")
-    with phases("prune"):
-        crossing = search.bisect(order, sweep, target)
-        if crossing is not None and not per_prompt:
-            search.prune(order.prefix(crossing), target)
-    say("prune", "target not reached: nothing to bisect or prune" if crossing is None
-        else f"target reached with {crossing} features before pruning")
+    try:
+        with phases("threshold_sweep"):
+            if settings.patch_error or settings.error_node:
+                search.evaluate([[]], [0], "error_only", [float("nan")])
+            sweep = search.sweep(order, target)
+        best = min((point["kl"] for point in sweep), default=float("nan"))
+        say("threshold_sweep", f"best KL {0.0 if -1e-6 <= best < 0 else best:.3g} (target {target:.3g})")
+        with phases("prune"):
+            crossing = search.bisect(order, sweep, target)
+            if crossing is not None and not per_prompt:
+                search.prune(order.prefix(crossing), target)
+        say("prune", "target not reached: nothing to bisect or prune" if crossing is None
+            else f"target reached with {crossing} features before pruning")
+    except BudgetExhausted:
+        curve.stopped = (f"budget: stopped after {curve.evaluations} exact evaluations (--max-evals "
+                         f"{settings.max_evals}); the curve holds the sets evaluated until then")
+        status(f"{label or name}: {curve.stopped}", progress)
     if confirm and settings.confirm_top > 0:
         with phases("confirm"):
             curve.confirmation = confirm_attribution(patcher, metrics, attributions, settings.confirm_top)
