@@ -5,6 +5,7 @@
 - effects: logit effects of decoder directions (final norm handled as in circuits.features) and nearest
   features by decoder cosine
 - data / site: the site's JSON data and the static files (index + a page per feature, file:// safe)
+- links: circuit graph nodes linked to their feature pages (the HTML export shows the link)
 - folders: which output folders may take a site, reading a site's record (standard library only)
 
 Names are imported on first use, so that `circuits.dashboard.folders` stays importable without torch.
@@ -20,6 +21,7 @@ _MODULES = {
     "data": ("SiteInfo",),
     "effects": ("Neighbours", "TokenEffects", "logit_effects", "nearest_features"),
     "site": ("CHUNK_SIZE", "PAGE_SIZE", "write_site"),
+    "links": ("link_feature_pages",),
     "folders": ("SITE_FILE", "SiteError", "check_site_folder", "feature_page", "read_site", "site_links"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}

@@ -4,7 +4,9 @@ top-activating contexts; no network access.
 The page's template, style and scripts are files in `assets/` (shipped as package data). Model
 text is escaped in the markup, embedded as JSON with `<`, `>`, `&` as \\u escapes, and put into
 the page by script only through textContent and setAttribute, never as markup. A
-Content-Security-Policy allows exactly the two inline scripts, by hash.
+Content-Security-Policy allows exactly the two inline scripts, by hash. A feature node with a `dashboard`
+attribute (a relative path or file:// URI set by circuits.dashboard.link_feature_pages) gets a link to its
+dashboard page in the details panel.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     source.add_argument("--sae", type=Path, help="a dictionary folder, or a folder of them (then --hook picks one)")
     source.add_argument("--baseline", choices=["neurons", "pca", "ica"],
                         help="a baseline basis instead of a dictionary (needs --hook); signed, so 2 x d_model features")
-    parser.add_argument("--hook", help="hook point, e.g. blocks.9.hook_resid_post")
+    parser.add_argument("--hook", help="hook point, e.g. blocks.9.hook_resid_post (default: the one dictionary in --sae)")
     parser.add_argument("--features", default="all",
                         help="'all', 'auto' (pages for the features that fire) or indices/ranges such as 0-199,512")
     parser.add_argument("--tokens", type=positive_int, default=100_000, help="held-out tokens to scan")

@@ -29,6 +29,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--shares", action="store_true",
                         help="show each edge as the share of the receiving node's activation its source supplies "
                              "(comparable across the diagram) instead of the effect in the receiver's units")
+    parser.add_argument("--dashboard", type=Path, metavar="SITE",
+                        help="a site written by `sparse-circuits dashboard`: feature nodes at its hook link to their "
+                             "pages (html; default: no links)")
     return parser
 
 
@@ -41,6 +44,8 @@ def check_arguments(args) -> None:
         raise validation.InputError(f"graph file {args.graph} is not a sparse-circuits graph (not a JSON object); "
                                     "write one with `sparse-circuits trace`")
     validation.output_file(args.output, "-o")
+    if args.dashboard is not None:
+        validation.dashboard_site(args.dashboard)
 
 
 def run(args) -> None:
@@ -48,7 +53,7 @@ def run(args) -> None:
 
     result, graph = export_saved_graph(args.graph, args.output, args.fmt, threshold=args.threshold,
                                        top_k_per_node=args.top_k_per_node, influence=args.influence,
-                                       shares=args.shares)
+                                       shares=args.shares, dashboard=args.dashboard)
     print(f"wrote {result.path} ({result.fmt}, {result.renderer}; {graph.number_of_nodes()} nodes, "
           f"{graph.number_of_edges()} edges)")
     for extra in result.extra_paths:

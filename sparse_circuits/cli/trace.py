@@ -50,6 +50,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "(Spearman on ablation's top 30 features); ablation is slow")
     parser.add_argument("--seed", type=seed, default=0, help="seed for picking contexts")
     parser.add_argument("--paths", type=nonnegative_int, default=5, help="strongest paths to print")
+    parser.add_argument("--dashboard", type=Path, metavar="SITE",
+                        help="a site written by `sparse-circuits dashboard`: feature nodes at its hook get a link to "
+                             "their page (shown by the HTML export; default: no links)")
     parser.add_argument("--out", required=True, type=Path, help="graph file to write (node-link JSON)")
     return parser
 
@@ -63,6 +66,8 @@ def check_arguments(args) -> None:
     if args.logit and not args.contexts:
         raise validation.InputError("a logit target needs texts to measure it on: give --contexts FILE")
     validation.output_file(args.out, "--out")
+    if args.dashboard is not None:
+        validation.dashboard_site(args.dashboard)
     configs = validation.dictionary_folders(args.saes, "--saes")
     if args.feature:
         validation.feature_target(args.feature, configs)
@@ -99,6 +104,10 @@ def run(args) -> None:
                                depth=args.depth, top_k_per_layer=args.top_k, n_contexts=args.n_contexts,
                                scan_contexts=args.scan_contexts, context_size=args.context_size, seed=args.seed,
                                **options)
+    if args.dashboard is not None:
+        from circuits.dashboard import link_feature_pages
+
+        link_feature_pages(result.graph, args.dashboard)  # absolute file:// links: the graph file may move
     path = save_graph_json(result.graph, args.out)
     print(summarize(result.graph, n_paths=args.paths))
     if args.compare:

@@ -172,9 +172,11 @@ def trace_logit(model, dictionaries, token: str, other: str | None, texts: list[
 
 
 def export_saved_graph(graph_path: Path, output: Path, fmt: str | None = None, *, threshold: float | None = None,
-                       top_k_per_node: int | None = None, influence: float | None = None, shares: bool = False):
+                       top_k_per_node: int | None = None, influence: float | None = None, shares: bool = False,
+                       dashboard: Path | None = None):
     """Load a graph written by `trace`, prune it (threshold, then top-k per node, then influence), optionally
-    turn edges into shares of the receiver's activation, and export it; returns (ExportResult, graph)."""
+    turn edges into shares of the receiver's activation, link feature nodes to their pages in the `dashboard`
+    site (relative to the output's folder), and export it; returns (ExportResult, graph)."""
     from circuits.export import export_graph
     from circuits.graph import (load_graph_json, prune_by_cumulative_influence, prune_by_threshold,
                                 prune_top_k_per_node)
@@ -192,4 +194,8 @@ def export_saved_graph(graph_path: Path, output: Path, fmt: str | None = None, *
         from circuits.tracing import relative_graph
 
         graph = relative_graph(graph)
+    if dashboard is not None:
+        from circuits.dashboard import link_feature_pages
+
+        link_feature_pages(graph, dashboard, relative_to=Path(output).parent)
     return export_graph(graph, output, fmt, warn=False), graph  # the caller prints ExportResult.note

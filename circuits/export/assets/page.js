@@ -79,6 +79,11 @@
     details.appendChild(element("h2", null, node.description));
     details.appendChild(facts(node));
     if (node.kind === "error") { details.appendChild(element("p", "note", ERROR_TERM.replace("error term: the ", "The "))); }
+    if (typeof node.dashboard === "string" && /^(file:|https?:|[^:]*$)/i.test(node.dashboard)) {
+      var open = element("a", "dashboard-link", "Open its feature dashboard page");
+      open.setAttribute("href", node.dashboard);
+      details.appendChild(element("p", "note")).appendChild(open);
+    }
     [["Fires most on", node.top_tokens], ["Promotes (direct logit effect)", node.promoted_tokens, true],
      ["Suppresses (direct logit effect)", node.suppressed_tokens, true]].forEach(function (entry) {
       if (entry[1] && entry[1].length) {
