@@ -36,6 +36,9 @@ class TrainingState:
     sparsity_ramp: float  # 0..1: the warm-up factor of the sparsity coefficient (cfg.l1_coefficient)
     dead: torch.Tensor  # [d_sae] bool: features that did not fire within the dead window
     aux_k_coefficient: float  # weight of the AuxK dead-feature loss for the architectures that use one
+    # [d_sae] decoder row norms (with gradient) when the rows are free (TrainingConfig.unit_norm_decoder False):
+    # the loss then measures each code times its row's norm (SAELens' recipe); None: rows are held at norm 1.
+    decoder_norms: torch.Tensor | None = None
 
 
 @dataclass
@@ -125,6 +128,8 @@ class SparseAutoencoder(Dictionary):
 
     # The cfg field that sets this architecture's sparsity ("l1_coefficient" or "k"): what a sweep varies.
     sparsity_setting = "l1_coefficient"
+    # Whether training_loss honours TrainingState.decoder_norms (training with free decoder rows).
+    supports_free_decoder = False
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__(cfg)
@@ -187,6 +192,18 @@ class SparseAutoencoder(Dictionary):
     def reconstruction_terms(self, x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual x - decode(codes) [batch, d_in], mse = mean_batch ||residual||^2 / d_in)."""
         residual = x - self.decode(codes)
+        return residual, residual.pow(2).mean()
+
+    def sparse_reconstruction_terms(self, x: torch.Tensor, columns: torch.Tensor, values: torch.Tensor,
+                                    offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reconstruction_terms` from the nonzero codes alone: `values` of features `columns`, either
+        [batch, n] each (n per token: TopK) or flat [nnz] with `offsets` [batch] where each token's run starts.
+
+        The decoder rows are gathered and summed (embedding_bag) instead of multiplying the mostly-zero code
+        matrix: with a few percent of codes active this skips most of the decode and its two backward
+        matmuls (the gradient to the codes is computed at the active entries only)."""
+        decoded = nn.functional.embedding_bag(columns, self.W_dec, offsets, per_sample_weights=values, mode="sum")
+        residual = x - (decoded + self.b_dec)
         return residual, residual.pow(2).mean()
 
     @classmethod

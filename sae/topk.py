@@ -3,7 +3,9 @@ pre-activations of each token survive, so L0 is exactly k (fewer if some of them
 
 Training loss (normalised space): mean_batch ||x_hat - x||^2 / d_in + aux_k_coefficient * AuxK, where
 AuxK (only while some latents are dead) = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2, e = x - x_hat
-(detached) and e_hat is e reconstructed from the d_in/2 largest dead latents alone.
+(detached) and e_hat is e reconstructed from the d_in/2 largest dead latents alone. With free decoder
+rows (training), pre-activations are multiplied by the row norms before the selection and the codes
+divided by them before decoding, so the saved SAE (norms folded in) is a plain TopK SAE.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ def check_k(cfg: DictionaryConfig, architecture: str = "TopK") -> None:
         raise ValueError(f"a {architecture} SAE needs 0 < k <= d_sae={cfg.d_sae}, got k={cfg.k}; set cfg.k")
 
 
-def aux_k_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+def aux_k_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
+               decoder_norms: torch.Tensor | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): how well the top dead latents reconstruct the residual, normalised.
 
-    pre [batch, d_sae] pre-activations; residual [batch, d_in] = x - x_hat (detached); dead [d_sae] bool.
+    pre [batch, d_sae] pre-activations (times the decoder row norms when those are free); residual
+    [batch, d_in] = x - x_hat (detached); dead [d_sae] bool; decoder_norms [d_sae] or None (unit rows).
     """
     k_aux = min(max(sae.d_in // 2, 1), sae.n_features)
     candidates = torch.relu(pre) * dead
     top = candidates.topk(k_aux, dim=-1, sorted=False)
     codes = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+    if decoder_norms is not None:
+        codes = codes / decoder_norms
     residual_hat = codes @ sae.W_dec
     total = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     return (residual_hat - residual).pow(2).sum() / total
@@ -41,7 +47,8 @@ def with_aux_k(sae: SparseAutoencoder, pre: torch.Tensor, mse: torch.Tensor, res
     """mse, plus aux_k_coefficient * AuxK while some latents are dead."""
     loss = mse
     if state.aux_k_coefficient > 0 and bool(state.dead.any()):
-        loss = loss + state.aux_k_coefficient * aux_k_loss(sae, pre, residual.detach(), state.dead)
+        loss = loss + state.aux_k_coefficient * aux_k_loss(sae, pre, residual.detach(), state.dead,
+                                                           state.decoder_norms)
     return loss
 
 
@@ -60,10 +67,17 @@ class TopKSAE(ReluSAE):
     def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> None:
         return None  # a code depends on every other pre-activation (is it among the k largest?)
 
+    supports_free_decoder = True
+
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         pre = self.pre_activations(x)
-        codes = self.activation(pre)
-        residual, mse = self.reconstruction_terms(x, codes)
+        if state.decoder_norms is not None:  # free decoder rows: select on the codes of unit-norm rows
+            pre = pre * state.decoder_norms  # (SAELens' rescale_acts_by_decoder_norm)
+        top = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values = torch.relu(top.values)
+        weights = values if state.decoder_norms is None else values / state.decoder_norms[top.indices]
+        residual, mse = self.sparse_reconstruction_terms(x, top.indices, weights)  # k of d_sae rows per token
+        codes = torch.zeros_like(pre, requires_grad=False).scatter_(-1, top.indices, values.detach())
         return TrainingLoss(with_aux_k(self, pre, mse, residual, state), mse, codes, residual)
 
     @classmethod

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from sae.finite import check_finite_number
 
+B_DEC_INITS = ("mean", "geometric_median", "zero")
+
 
 @dataclass
 class TrainingConfig:
@@ -27,6 +29,11 @@ class TrainingConfig:
     aux_k_coefficient: float = 1 / 32  # AuxK weight for the architectures that use it (TopK, BatchTopK); 0: off
     dense_threshold: float = 0.1  # logged dense_fraction: features firing on more than this fraction of a batch
     exclude_outliers: bool = True  # leave massive activations (norm > 10x the batch median) out of every step
+    # The recipe (see the module docstring of sae/training/loop.py and results/saelens/ablation.md):
+    b_dec_init: str = "mean"  # decoder bias at step 0: "mean" / "geometric_median" of batch 0's typical rows, or "zero"
+    unit_norm_decoder: bool = True  # hold decoder rows at norm 1; False: free rows, sparsity weighted by row norm
+    decoder_init_norm: float | None = None  # initial decoder row norm (encoder = decoder transpose); None: 1
+    grad_clip_norm: float | None = None  # clip the gradient's global norm at this value before each step; None: off
 
     def __post_init__(self) -> None:
         check_finite_number("total_tokens", self.total_tokens)
@@ -45,6 +52,14 @@ class TrainingConfig:
         for name in ("log_every", "resample_every", "dead_window_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"b_dec_init must be one of {list(B_DEC_INITS)}, got {self.b_dec_init!r}")
+        for name in ("decoder_init_norm", "grad_clip_norm"):
+            value = getattr(self, name)
+            if value is not None:
+                check_finite_number(name, value, minimum=0.0)
+                if value <= 0:
+                    raise ValueError(f"{name} must be positive or None, got {value}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1 or None, got {self.checkpoint_every}")
 

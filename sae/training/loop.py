@@ -55,6 +55,7 @@ from sae.locking import folder_lock
 from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpoint, remove_stale_temporaries,
                                       restore_checkpoint, run_fingerprint, write_checkpoint)
 from sae.training.config import TrainingConfig
+from sae.training.initialisation import initial_decoder_bias, scale_initial_rows_
 from sae.training.resampling import resample_dead_features, resampling_generator
 
 LOG_FILE = "training_log.csv"
@@ -97,7 +98,8 @@ def default_names(configs: list[DictionaryConfig]) -> list[str]:
     return names
 
 
-def _check_inputs(source: BatchSource, configs: list[DictionaryConfig], names: list[str]) -> None:
+def _check_inputs(source: BatchSource, configs: list[DictionaryConfig], names: list[str],
+                  training: TrainingConfig) -> None:
     """Everything that can be wrong with the request, before any compute."""
     if not configs:
         raise ValueError("train_dictionaries needs at least one DictionaryConfig")
@@ -117,11 +119,18 @@ def _check_inputs(source: BatchSource, configs: list[DictionaryConfig], names: l
         if not is_trainable(cfg.architecture):
             raise ValueError(f"architecture '{cfg.architecture}' has no training loss; train_dictionaries trains "
                              "SAEs (sae.dictionary.SparseAutoencoder subclasses)")
-        build_dictionary(cfg)  # the architecture checks its own options (k, ...)
+        built = build_dictionary(cfg)  # the architecture checks its own options (k, ...)
+        if not training.unit_norm_decoder and (cfg.tied or not built.supports_free_decoder):
+            raise ValueError(f"unit_norm_decoder=False (free decoder rows) needs an untied SAE of an architecture that "
+                             f"supports it (standard, topk); '{cfg.hook_name}' is {cfg.architecture}"
+                             f"{', tied' if cfg.tied else ''}. Set unit_norm_decoder=True")
 
 
 def _new_trainee(name: str, cfg: DictionaryConfig, training: TrainingConfig, device: torch.device) -> Trainee:
-    sae = build_dictionary(copy.deepcopy(cfg)).to(device).train()
+    sae = build_dictionary(copy.deepcopy(cfg))
+    if training.decoder_init_norm is not None:
+        scale_initial_rows_(sae, training.decoder_init_norm)
+    sae = sae.to(device).train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=training.lr, betas=tuple(training.adam_betas))
     counters = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
     return Trainee(name, cfg.hook_name, sae, optimizer, counters)
@@ -157,18 +166,24 @@ def normalize_decoder_rows(decoder: torch.Tensor) -> None:
 
 def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: TrainingConfig) -> TrainingLoss:
     sae = trainee.sae
+    unit = training.unit_norm_decoder
     state = TrainingState(step=step, sparsity_ramp=training.sparsity_ramp(step),
                           dead=trainee.tokens_since_fired >= training.dead_window_tokens,
-                          aux_k_coefficient=training.aux_k_coefficient)
+                          aux_k_coefficient=training.aux_k_coefficient,
+                          decoder_norms=None if unit else sae.W_dec.norm(dim=1))
     out = sae.training_loss(x, state)
     lr = training.learning_rate(step)
     for group in trainee.optimizer.param_groups:
         group["lr"] = lr
     trainee.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
-    remove_parallel_decoder_gradient(sae.W_dec)
+    if unit:
+        remove_parallel_decoder_gradient(sae.W_dec)
+    if training.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
     trainee.optimizer.step()
-    normalize_decoder_rows(sae.W_dec)
+    if unit:
+        normalize_decoder_rows(sae.W_dec)
 
     with torch.no_grad():
         trainee.tokens_since_fired += x.shape[0]
@@ -199,6 +214,8 @@ def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, train
                  ) -> TrainResult:
     """Fold the scale into a copy of the SAE and write its folder and training log."""
     final = copy.deepcopy(trainee.sae).cpu().eval()
+    if not training.unit_norm_decoder:  # free rows: fold their norms into the codes (same reconstructions)
+        final.scale_features_(final.W_dec.detach().norm(dim=1).clamp_min(1e-12))
     final.fold_input_scale_(scale)
     final.cfg.extra = {**final.cfg.extra, "trained_steps": step, "trained_tokens": step * training.batch_size,
                        "training_complete": step >= training.total_steps,
@@ -244,7 +261,7 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
                             out_dir: str | Path, *, names: list[str] | None, progress: bool,
                             stop_after_steps: int | None, device: str | torch.device) -> list[TrainResult]:
     names = list(names) if names is not None else default_names(configs)
-    _check_inputs(source, configs, names)
+    _check_inputs(source, configs, names, training)
     if stop_after_steps is not None and stop_after_steps < 1:
         raise ValueError(f"stop_after_steps must be at least 1, got {stop_after_steps}")
     out_dir, device = Path(out_dir), torch.device(device)
@@ -265,7 +282,7 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
         while step < end_step:
             raw = _next_batch(batches, hooks, step + 1)
             if step == 0:
-                scales = _initialise_from_first_batch(raw, trainees, device)
+                scales = _initialise_from_first_batch(raw, trainees, device, training)
             inputs = {hook: _training_rows(raw[hook], training).to(device, torch.float32) / scales[hook]
                       for hook in hooks}
             step = _step_all(trainees, inputs, step, training)
@@ -321,9 +338,10 @@ def _training_rows(x: torch.Tensor, training: TrainingConfig) -> torch.Tensor:
     return x[typical_token_mask(x)] if training.exclude_outliers else x
 
 
-def _initialise_from_first_batch(raw: dict[str, torch.Tensor], trainees: list[Trainee], device: torch.device
-                                 ) -> dict[str, float]:
-    """Measure each hook's scale on batch 0 and start every b_dec at the (normalised) mean of its typical tokens."""
+def _initialise_from_first_batch(raw: dict[str, torch.Tensor], trainees: list[Trainee], device: torch.device,
+                                 training: TrainingConfig) -> dict[str, float]:
+    """Measure each hook's scale on batch 0 and start every b_dec from its (normalised) typical tokens
+    (training.b_dec_init: their mean, their geometric median, or zero)."""
     scales = {hook: activation_scale(tensor) for hook, tensor in raw.items()}
     for hook, scale in scales.items():
         if not math.isfinite(scale) or scale == 0:
@@ -332,8 +350,8 @@ def _initialise_from_first_batch(raw: dict[str, torch.Tensor], trainees: list[Tr
     with torch.no_grad():
         for trainee in trainees:
             rows = raw[trainee.hook][typical_token_mask(raw[trainee.hook])]
-            mean = rows.to(device, torch.float32).mean(dim=0) / scales[trainee.hook]
-            trainee.sae.b_dec.copy_(mean)
+            rows = rows.to(device, torch.float32) / scales[trainee.hook]
+            trainee.sae.b_dec.copy_(initial_decoder_bias(rows, training.b_dec_init))
     return scales
 
 
