@@ -143,7 +143,7 @@ def ours_worker(job: dict) -> dict:
     spec = job["spec"]
     cfg = DictionaryConfig(spec["architecture"], d_in=d_in, d_sae=job["expansion"] * d_in, hook_name=HOOK,
                            l1_coefficient=spec.get("l1_coefficient", 0.0), k=spec.get("k"), tied=spec.get("tied", False),
-                           seed=job["seed"])
+                           apply_b_dec_to_input=spec.get("apply_b_dec_to_input", True), seed=job["seed"])
     steps, batch_size = job["steps"], job["batch_size"]
     settings = {"lr_warmup_steps": min(100, max(1, round(0.05 * steps))),  # what `sparse-circuits train` sets
                 "dead_window_tokens": min(10_000_000, store.n_tokens), **job.get("ours_options", {})}
