@@ -15,6 +15,10 @@ positions too, to show what passing them through is worth.
 `fvu` and `l0` are over typical tokens (norm <= 10 x the batch median, sae.metrics.typical_token_mask):
 the massive activations are a few in ten thousand tokens but would hold most of the variance;
 `fvu_all_tokens` and `outlier_fraction` are reported beside them.
+
+Memory: a forward keeps full logits [rows, positions, vocabulary] (1 GB for 8 x 128 tokens of Gemma-3's
+262k vocabulary) and three of them live at once, so the rows per forward are capped by
+`circuits.metrics.LOGIT_BUDGET_BYTES` (256 MB a tensor): 8 contexts of 128 tokens on SmolLM2, 2 on Gemma-3.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from sae.progress import progress_bar
 
 from circuits.engine import ActivationMap, passthrough_positions, run_with_edits
 from circuits.hooks import check_width
-from circuits.metrics import cross_entropy, summed_kl
+from circuits.metrics import cross_entropy, rows_within_logit_budget, summed_kl
 from sae.dictionary import Dictionary
 from sae.metrics import ReconstructionTotals
 
@@ -42,6 +46,8 @@ def evaluate_dictionaries(model, dictionaries: list[Dictionary], contexts: torch
               for dictionary in dictionaries]
     sums = [{"ce_spliced": 0.0, "ce_zero": 0.0, "ce_replaced": 0.0, "kl": 0.0} for _ in dictionaries]
     ce_clean, predicted = 0.0, 0
+    # several full-logit tensors live at once: each forward's rows are capped so one stays under the budget
+    batch_size = rows_within_logit_budget(batch_size, contexts.shape[1], model.cfg.d_vocab)
     for begin in progress_bar(range(0, contexts.shape[0], batch_size), desc="evaluate", unit="batch", enabled=progress):
         tokens = contexts[begin : begin + batch_size]
         clean = run_with_edits(model, tokens, record=list(dict.fromkeys(hooks)))

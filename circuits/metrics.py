@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ROWS = 256  # positions per chunk when a softmax over the vocabulary is needed
+LOGIT_BUDGET_BYTES = 256 << 20  # one forward's full logits stay under this (rows are split to fit)
+
+
+def rows_within_logit_budget(rows: int, positions: int, vocab: int, budget: int = LOGIT_BUDGET_BYTES) -> int:
+    """How many of `rows` contexts of `positions` tokens one forward may run so that its fp32 logits
+    [rows, positions, vocab] fit `budget` bytes (at least 1): memory bounded by the batch, not the vocabulary."""
+    return max(1, min(rows, budget // max(1, positions * vocab * 4)))
 
 
 def _chunks(*tensors: torch.Tensor, rows: int = CHUNK_ROWS):

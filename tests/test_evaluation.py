@@ -86,3 +86,38 @@ def test_zero_ablation_keeps_bos_and_massive_positions(tiny_llama):
     assert (edited[0, 1:] == 0).all() and (edited[1, 1] == 0).all() and (edited[1, 3:] == 0).all()
     everywhere = ActivationMap(torch.zeros_like, pass_massive=False)(activation)
     assert (everywhere[1, 1:] == 0).all()
+
+
+def test_rows_per_forward_are_capped_by_the_logit_budget_without_changing_results(tiny_llama, random_sae, monkeypatch):
+    """With a budget that fits one context's logits, evaluation runs one row per forward (the cap a 262k
+    vocabulary needs) and gives the same numbers as eight rows per forward."""
+    import circuits.evaluation as evaluation
+    from circuits.metrics import rows_within_logit_budget
+
+    hook = "blocks.1.hook_resid_post"
+    cfg = DictionaryConfig("standard", d_in=tiny_llama.cfg.d_model, d_sae=64, hook_name=hook)
+    sae = ReluSAE(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.normal_(0, 0.3)
+    contexts = _contexts(n=8, ctx=10)
+    [wide] = evaluate_dictionaries(tiny_llama, [sae], contexts, batch_size=8, progress=False)
+    one_row = 10 * tiny_llama.cfg.d_vocab * 4
+    assert rows_within_logit_budget(8, 10, tiny_llama.cfg.d_vocab, budget=one_row) == 1
+    assert rows_within_logit_budget(8, 10, tiny_llama.cfg.d_vocab, budget=one_row - 1) == 1  # never below 1
+    assert rows_within_logit_budget(8, 128, 262_144) == 2 and rows_within_logit_budget(8, 128, 49_152) == 8
+    forwards = []
+    original = evaluation.run_with_edits
+
+    def counting(model, tokens, *args, **kwargs):
+        forwards.append(tokens.shape[0])
+        return original(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_with_edits", counting)
+    monkeypatch.setattr(evaluation, "rows_within_logit_budget",
+                        lambda rows, positions, vocab: rows_within_logit_budget(rows, positions, vocab, budget=one_row))
+    [narrow] = evaluate_dictionaries(tiny_llama, [sae], contexts, batch_size=8, progress=False)
+    assert set(forwards) == {1}
+    for key in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "kl", "fvu", "l0"):
+        assert narrow[key] == pytest.approx(wide[key], rel=1e-5, abs=1e-6), key

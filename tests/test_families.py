@@ -130,3 +130,26 @@ def test_direct_effect_hooks_are_every_pattern_and_norm_scale(family_model, firs
         for layer in range(first, last + 1):
             for norm in ("attn.q_norm", "attn.k_norm", "ln1_post", "ln2_post"):
                 assert f"blocks.{layer}.{norm}.hook_scale" in chosen
+
+
+def test_final_position_logits_equal_the_full_forward(family_model):
+    """The engine's bounded-memory logits (forward stopped after the last block, only the final positions
+    normed and unembedded) equal the full forward's at those positions, with a hook edit applied too."""
+    from circuits.engine import final_position_logits
+
+    model = family_model
+    tokens = torch.randint(1, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(5))
+    final = torch.tensor([8, 4, 1])
+    rows = torch.arange(3)
+
+    def halve(activation, hook=None):
+        return activation * 0.5
+
+    edit = [("blocks.1.hook_resid_post", halve)]
+    with torch.no_grad():
+        full = model.run_with_hooks(tokens, fwd_hooks=edit)[rows, final]
+        bounded = final_position_logits(model, tokens, final, edit)
+        unedited = final_position_logits(model, tokens, final)
+    assert bounded.shape == (3, model.cfg.d_vocab)
+    assert torch.allclose(bounded, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unedited, bounded, atol=1e-3)  # the edit mattered

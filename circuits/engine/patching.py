@@ -29,6 +29,7 @@ from sae.progress import progress_bar
 from circuits.attribution import Attribution, attribution_scores
 from circuits.engine.positions import encode_codes, passthrough_positions
 from circuits.engine.replay import PrefixReplay
+from circuits.engine.run import final_position_logits
 from circuits.hooks import validate_hooks
 from circuits.metrics import Metric, spearman
 from sae.dictionary import Dictionary
@@ -108,12 +109,12 @@ class CachedRun:
 
         if capture and self.start_block is not None:
             with PrefixReplay.recording(self.model, self.start_block) as recording:
-                logits = self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=[(self.hook, keep)])
+                logits = final_position_logits(self.model, tokens.to(self.device), bucket.final, [(self.hook, keep)])
             replay = recording.finish(tokens.shape[0])
         else:
-            logits = self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=[(self.hook, keep)])
+            logits = final_position_logits(self.model, tokens.to(self.device), bucket.final, [(self.hook, keep)])
             replay = None
-        return store["activation"], final_logits(logits, bucket.final), replay
+        return store["activation"], logits, replay
 
     @staticmethod
     def _gather(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -140,7 +141,7 @@ class CachedRun:
         def replace(activation, hook=None):
             return activations.to(activation.dtype)
 
-        return final_logits(self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, replace)]), final)
+        return final_position_logits(self.model, tokens, final, [(self.hook, replace)])
 
     def _replay_reproduces(self) -> bool:
         bucket = self.buckets[0]

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 import torch
 from sae.progress import progress_bar
 
-from circuits.engine import final_logits
+from circuits.engine import final_position_logits as engine_final_logits
 from circuits.metrics import logit_difference
 from tasks.ioi_templates import (NAME_PLACEHOLDERS, PLACEHOLDERS, TEMPLATES, IOIDataError,  # noqa: F401 (re-exported)
                                  check_template, read_template_file, template_problems)
@@ -311,8 +311,8 @@ def final_position_logits(model, tokens: torch.Tensor, final_positions: torch.Te
     chunks = []
     starts = range(0, tokens.shape[0], batch_size)
     for start in progress_bar(starts, desc="forward", enabled=progress):
-        logits = model(tokens[start : start + batch_size].to(device))  # [chunk, pos, vocab]
-        chunks.append(final_logits(logits, final_positions[start : start + batch_size]).float().cpu())
+        chunk = tokens[start : start + batch_size].to(device)  # unembedded at the final positions only
+        chunks.append(engine_final_logits(model, chunk, final_positions[start : start + batch_size]).float().cpu())
     return torch.cat(chunks)
 
 
