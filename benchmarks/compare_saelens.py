@@ -239,11 +239,11 @@ def sae_specs(args) -> list[dict]:
     return specs
 
 
-def run_budget(args, steps: int) -> dict:
+def run_budget(args, steps: int, store: str) -> dict:
     rows = []
     for spec in sae_specs(args):
         out = Path(args.out) / f"steps_{steps}" / "_".join(f"{key}_{value}" for key, value in spec.items())
-        job = {"store": args.store, "heldout": args.heldout, "eval_tokens": args.eval_tokens, "steps": steps,
+        job = {"store": store, "heldout": args.heldout, "eval_tokens": args.eval_tokens, "steps": steps,
                "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "expansion": args.expansion,
                "threads": args.threads, "spec": spec, "ours_options": parse_overrides(args.ours_option),
                "saelens_options": parse_overrides(args.saelens_option),
@@ -257,7 +257,32 @@ def run_budget(args, steps: int) -> dict:
                 row[library] = train_one(library, {**job, "out": str(out_library)}, python)
                 print_row(steps, spec, library, row[library])
         rows.append(row)
-    return {"steps": steps, "tokens": steps * args.batch_size, "rows": rows, "matched_l0": matched(rows)}
+    from sae.activation_store import ActivationStore
+
+    return {"steps": steps, "tokens": steps * args.batch_size, "store": store,
+            "store_tokens": ActivationStore(store).n_tokens, "rows": rows, "matched_l0": matched(rows)}
+
+
+def spliced_ce(budgets: list[dict], n_contexts: int, threads: int) -> None:
+    """CE increase when spliced (circuits.evaluation, BOS and massive activations passed through) of every trained
+    dictionary, ours and SAELens' alike, on the first `n_contexts` held-out contexts (the eval split, seed 0, as
+    the held-out store); adds `ce_increase` and `kl` to each record. Needs this repository's main environment."""
+    import torch
+    from circuits.evaluation import evaluate_dictionaries
+    from circuits.models import load_model
+    from sae.corpus import load_corpus, tokenize_contexts
+    from sae.io import load_dictionary
+
+    torch.set_num_threads(threads)
+    model = load_model("smollm2-135m", device="cpu")
+    contexts = tokenize_contexts(load_corpus("registry"), model.tokenizer, 128, n_contexts, split="eval", seed=0)
+    records = [row[library] for budget in budgets for row in budget["rows"] for library in ("ours", "saelens")
+               if library in row]
+    results = evaluate_dictionaries(model, [load_dictionary(record["folder"]) for record in records], contexts,
+                                    progress=False)
+    for record, result in zip(records, results):
+        record.update({"ce_increase": result["ce_loss_spliced"] - result["ce_loss_clean"], "kl": result["kl"],
+                       "ce_tokens": n_contexts * 127})
 
 
 def matched(rows: list[dict]) -> list[dict]:
@@ -275,7 +300,8 @@ def print_row(steps: int, spec: dict, library: str, record: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--store", help="activation store folder (train split) holding " + HOOK)
+    parser.add_argument("--store", nargs="+", help="activation store (train split) holding " + HOOK +
+                        "; one for every budget, or one per --steps value")
     parser.add_argument("--heldout", help="activation store folder of held-out tokens")
     parser.add_argument("--eval-tokens", type=int, default=16_384)
     parser.add_argument("--steps", type=int, nargs="+", default=[146])
@@ -292,6 +318,8 @@ def main() -> None:
     parser.add_argument("--saelens-trainer-option", action="append", default=[], help="SAETrainerConfig field=value")
     parser.add_argument("--saelens-python", default=DEFAULT_SAELENS_PYTHON)
     parser.add_argument("--out", default="compare_saelens_runs", help="folder for the trained dictionaries")
+    parser.add_argument("--ce-contexts", type=int, default=0,
+                        help="also measure the CE increase when spliced on this many held-out contexts of 128")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.worker:
@@ -300,7 +328,12 @@ def main() -> None:
     if not args.store or not args.heldout:
         parser.error("--store and --heldout are required")
     started = time.perf_counter()
-    budgets = [run_budget(args, steps) for steps in args.steps]
+    if len(args.store) not in (1, len(args.steps)):
+        parser.error("give one --store, or one per --steps value")
+    stores = args.store * len(args.steps) if len(args.store) == 1 else args.store
+    budgets = [run_budget(args, steps, store) for steps, store in zip(args.steps, stores)]
+    if args.ce_contexts:
+        spliced_ce(budgets, args.ce_contexts, args.threads)
     report = {"command": " ".join(["python", "benchmarks/compare_saelens.py", *sys.argv[1:]]), "hook": HOOK,
               "threads": args.threads, "budgets": budgets, "wall_s": time.perf_counter() - started}
     for budget in budgets:

@@ -4,9 +4,13 @@ Times `train_dictionaries` on in-memory activations (d_in 576, 2304 features, ba
 and a plain fp32 matmul of the same size, in one run. One step is five matmuls of B x d x F: encode
 and decode forward; backward, the gradient to the codes, to the decoder and to the encoder (none to
 the input activations), so about 10 * B * d * F FLOPs; the fraction of the FLOP limit reached is
-(10 * B * d * F * steps/s) / matmul FLOP/s. Example:
+(10 * B * d * F * steps/s) / matmul FLOP/s, the reference being the best of several warmed-up timings
+on the same thread count (so one slow round cannot push the fraction above 1). The default SAE (tied
+ReLU on Gaussian data) keeps dense codes, so training takes the dense path; the sparse decode of TopK
+and of sparse ReLU codes (sae.dictionary.sparse_reconstruction_terms) does less than 10 * B * d * F.
+Example:
 
-    python benchmarks/train_throughput.py --steps 20 --json train_throughput.json
+    python benchmarks/train_throughput.py --steps 20 --threads 1 --json results/train_throughput.json
 """
 
 from __future__ import annotations
@@ -23,13 +27,21 @@ from sae.config import DictionaryConfig
 from sae.training import TrainingConfig, train_dictionaries
 
 
-def matmul_flops_per_second(batch: int, d_in: int, d_sae: int, repeats: int = 10) -> float:
+def matmul_flops_per_second(batch: int, d_in: int, d_sae: int, repeats: int = 10, rounds: int = 5) -> float:
+    """The machine's fp32 matmul rate on the training's shape, on the current torch thread count: warmed up, then
+    the BEST of `rounds` timings of `repeats` products into a preallocated output (a one-off slow round, from
+    another process taking the cores, would otherwise lower the reference and push the fraction above 1)."""
     a, b = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * batch * d_in * d_sae * repeats / (time.perf_counter() - start)
+    out = torch.empty(batch, d_sae)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * batch * d_in * d_sae * repeats / best
 
 
 def main() -> None:
@@ -39,8 +51,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--arch", choices=["standard", "topk"], default="standard")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for the training and the reference")
     parser.add_argument("--json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     data = torch.randn(args.batch_size * 4, args.d_in)
     source = TensorBatchSource({"hook": data})
@@ -48,13 +62,13 @@ def main() -> None:
                            l1_coefficient=1e-3, k=32 if args.arch == "topk" else None)
     training = TrainingConfig(total_tokens=args.batch_size * (args.steps + 2), batch_size=args.batch_size,
                               checkpoint_every=None, log_every=10**9)
-    flops = matmul_flops_per_second(args.batch_size, args.d_in, args.d_sae)
     with tempfile.TemporaryDirectory() as out:
         train_dictionaries(source, [cfg], TrainingConfig(total_tokens=args.batch_size * 2, batch_size=args.batch_size,
                            checkpoint_every=None), out + "/warm", progress=False)
         start = time.perf_counter()
         train_dictionaries(source, [cfg], training, out + "/run", progress=False)
         seconds = time.perf_counter() - start
+    flops = matmul_flops_per_second(args.batch_size, args.d_in, args.d_sae)  # after the run: as warm as it
     steps = training.total_steps
     step_flops = 10 * args.batch_size * args.d_in * args.d_sae
     row = {"threads": torch.get_num_threads(), "tokens_per_s": steps * args.batch_size / seconds,
