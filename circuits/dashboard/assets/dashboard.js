@@ -224,7 +224,8 @@
     data.top_tokens.forEach(function (token) { chips.appendChild(chip(token)); });
     right.appendChild(chips);
     right.appendChild(element("h2", null, "Logit effects"));
-    right.appendChild(element("p", "band-label", "decoder direction through the final norm's weight and the unembedding"));
+    right.appendChild(element("p", "band-label", "direct effect only: the decoder direction through the final norm's weight and the " +
+      "unembedding (for a feature far from the output, later layers transform what it writes)"));
     right.appendChild(effectTable("promoted", data.promoted, "positive"));
     right.appendChild(effectTable("suppressed", data.suppressed, "negative"));
     right.appendChild(element("h2", null, "Nearest features (decoder cosine)"));
