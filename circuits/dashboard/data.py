@@ -76,8 +76,9 @@ def histogram_entry(statistics: FeatureStatistics, row: int) -> dict[str, Any]:
 
 
 def feature_entry(statistics: FeatureStatistics, row: int, texts: TokenTexts, *, effects: TokenEffects,
-                  neighbours: Neighbours, has_page: set[int], per_band: int = 5) -> dict[str, Any]:
-    """Everything the feature's page shows, as plain values."""
+                  neighbours: Neighbours, labels: dict[int, list[str]], per_band: int = 5) -> dict[str, Any]:
+    """Everything the feature's page shows, as plain values; `labels`: the top tokens of each feature with a page
+    (nearest features without one are listed unlinked)."""
     before = statistics.settings.before
     top, sampled = statistics.top, statistics.sampled
     bands = [{"from": band["from"], "to": band["to"], "low": rounded(band["low"], 4), "high": rounded(band["high"], 4),
@@ -93,8 +94,8 @@ def feature_entry(statistics: FeatureStatistics, row: int, texts: TokenTexts, *,
                      zip(effects.promoted[row].tolist(), effects.promoted_values[row].tolist())],
         "suppressed": [[texts(token), rounded(value)] for token, value in
                        zip(effects.suppressed[row].tolist(), effects.suppressed_values[row].tolist())],
-        "nearest": [[int(index), rounded(cosine), int(index) in has_page] for index, cosine in
-                    zip(neighbours.indices[row].tolist(), neighbours.cosines[row].tolist())],
+        "nearest": [[int(index), rounded(cosine), int(index) in labels, labels.get(int(index), [])[:3]]
+                    for index, cosine in zip(neighbours.indices[row].tolist(), neighbours.cosines[row].tolist())],
     }
 
 

@@ -93,6 +93,7 @@ def write_site(out: str | Path, statistics: FeatureStatistics, *, info: SiteInfo
         index_data = {"info": asdict(info), "n_tokens": statistics.n_tokens, "n_contexts": statistics.n_contexts,
                       "page_size": PAGE_SIZE, "columns": ["index", "density", "max", "mean", "top_tokens"],
                       "features": [row for row in index_rows(statistics, texts) if row[0] in has_page]}
+        labels = {row[0]: row[4] for row in index_data["features"]}
         (temporary / "data" / "index.js").write_text(_script_data("DASHBOARD_INDEX", index_data), encoding="utf-8")
         (temporary / "index.html").write_text(_shell(info, depth=0, body_attributes={"page": "index"},
                                                      scripts=["data/index.js"], heading=info.title, summary=summary),
@@ -103,7 +104,7 @@ def write_site(out: str | Path, statistics: FeatureStatistics, *, info: SiteInfo
             entries = {}
             for index in chunk:
                 entry = feature_entry(statistics, rows[index], texts, effects=effects, neighbours=neighbours,
-                                      has_page=has_page)
+                                      labels=labels)
                 position = number * CHUNK_SIZE + chunk.index(index)
                 entry["prev"] = pages[position - 1] if position > 0 else None
                 entry["next"] = pages[position + 1] if position + 1 < len(pages) else None

@@ -60,7 +60,7 @@ def fit_baseline_dictionary(model, name: str, hook: str, contexts, *, fit_tokens
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     device = next(model.parameters()).device
-    rows, kept = [], 0
+    rows = []
     n_contexts = min(len(contexts), max(1, -(-fit_tokens // (contexts.shape[1] - 1))))
     with torch.no_grad():
         for start in progress_bar(range(0, n_contexts, batch_size), desc=f"dashboard: activations for {name}",
@@ -68,10 +68,8 @@ def fit_baseline_dictionary(model, name: str, hook: str, contexts, *, fit_tokens
             batch = contexts[start : min(start + batch_size, n_contexts)].to(device)
             activation = collect_activations(model, batch, [hook])[hook].float()
             rows.append(activation[~passthrough_positions(activation)].cpu())
-            kept += len(rows[-1])
     activations = torch.cat(rows)[:fit_tokens]
-    method = {"neurons": "neurons", "pca": "pca", "ica": "ica"}[name]
-    return fit_baseline(method, activations, seed, hook_name=hook, model_name=model_name_of(model))
+    return fit_baseline(name, activations, seed, hook_name=hook, model_name=model_name_of(model))
 
 
 def parse_features(spec: str, n_features: int) -> list[int] | str | None:

@@ -234,7 +234,8 @@
       var item = element("li");
       if (entry[2]) { item.appendChild(link(entry[0] + ".html", "feature " + entry[0])); }
       else { item.appendChild(element("span", null, "feature " + entry[0])); }
-      item.appendChild(document.createTextNode(" " + number(entry[1])));
+      item.appendChild(document.createTextNode(" " + number(entry[1]) + " "));
+      (entry[3] || []).forEach(function (token) { item.appendChild(chip(token)); });
       list.appendChild(item);
     });
     right.appendChild(list);
