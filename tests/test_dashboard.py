@@ -402,3 +402,27 @@ def test_circuit_pages_link_feature_nodes_to_their_dashboard_pages(tiny_llama, r
     assert 'data-render="ok"' in dom and "Feature 3" in dom
     code, err = run_cli(["export", graph_file, "-o", tmp_path / "x.html", "--dashboard", tmp_path / "pages"], capsys)
     assert code == 2 and "is not a dashboard site" in err and not (tmp_path / "x.html").exists()
+
+
+MISTAKES_WITHOUT_TORCH = """
+import sys
+from sparse_circuits.cli.main import main
+sae, tmp = sys.argv[1], sys.argv[2]
+codes = [main(["dashboard", "--sae", sae, "--features", "0-64", "--out", tmp + "/site"]),
+         main(["dashboard", "--sae", tmp + "/none", "--out", tmp + "/site"]),
+         main(["dashboard", "--sae", sae, "--out", sys.argv[3]]),
+         main(["export", sys.argv[3], "-o", tmp + "/c.html", "--dashboard", tmp])]
+heavy = sorted(name for name in ("torch", "transformers", "transformer_lens") if name in sys.modules)
+assert codes == [2, 2, 2, 2] and not heavy, (codes, heavy)
+"""
+
+
+def test_dashboard_mistakes_are_reported_before_torch_is_imported(sae_folder, tmp_path):
+    import sys
+
+    a_file = tmp_path / "graph.json"
+    a_file.write_text(json.dumps({"directed": True, "multigraph": False, "graph": {}, "nodes": [], "links": []}))
+    result = subprocess.run([sys.executable, "-c", MISTAKES_WITHOUT_TORCH, str(sae_folder), str(tmp_path), str(a_file)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("error:") == 4 and "Traceback" not in result.stderr
