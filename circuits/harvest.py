@@ -14,7 +14,7 @@ import torch
 from sae.progress import progress_bar
 
 from circuits.hooks import stop_layer, validate_hooks
-from sae.activation_store import DTYPES, ActivationStore, StoreWriter, store_settings
+from sae.activation_store import DTYPES, ActivationStore, StoreError, StoreWriter, store_settings
 from sae.finite import check_finite_rows
 from sae.locking import folder_lock
 
@@ -39,6 +39,17 @@ def harvest_activations(model, contexts: torch.Tensor, hooks: list[str], out_dir
                                          contexts_per_shard=contexts_per_shard, metadata=metadata, progress=progress)
 
 
+def check_storable(value: torch.Tensor, stored: torch.Tensor, dtype: str, where: str) -> None:
+    """StoreError when finite activations became infinite in the store's dtype (float16 ends at 65,504;
+    Gemma-3's residual stream goes past it), naming the largest value and the dtypes that hold it."""
+    if dtype != "float16" or bool(torch.isfinite(stored).all()) or not bool(torch.isfinite(value).all()):
+        return
+    largest = float(value.abs().max())
+    raise StoreError(f"{where}: activations reach {largest:,.0f}, beyond float16's largest value 65,504, so the "
+                     "store cannot hold them; harvest with --store-dtype bfloat16 (float32's range, half the "
+                     "disk) or float32 (no shard of them was written)")
+
+
 def _harvest_in_locked_folder(model, contexts: torch.Tensor, hooks: list[str], out_dir: str | Path, dtype: str, *,
                               settings: dict, batch_size: int, exclude_bos: bool, contexts_per_shard: int,
                               metadata: dict | None, progress: bool) -> ActivationStore:
@@ -57,8 +68,9 @@ def _harvest_in_locked_folder(model, contexts: torch.Tensor, hooks: list[str], o
                     value = value[:, 1:] if exclude_bos else value
                     stored = value.reshape(-1, value.shape[-1]).to("cpu", DTYPES[dtype])
                     first = done + start  # checked as stored: float16 can overflow to inf
-                    check_finite_rows(stored, f"harvesting contexts {first}-{first + batch.shape[0] - 1} of "
-                                              f"{total}, hook '{hook}' (no shard of them was written)")
+                    where = f"harvesting contexts {first}-{first + batch.shape[0] - 1} of {total}, hook '{hook}'"
+                    check_storable(value, stored, dtype, where)
+                    check_finite_rows(stored, f"{where} (no shard of them was written)")
                     pieces[hook].append(stored)
                 bar.update(batch.shape[0])
             writer.write({hook: torch.cat(parts).contiguous() for hook, parts in pieces.items()}, done, block.shape[0])
