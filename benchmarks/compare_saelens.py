@@ -216,10 +216,18 @@ def run_worker(job_path: str) -> None:
 # the driver
 
 
-def train_one(library: str, job: dict, python: str) -> dict:
-    """Train one dictionary in a fresh worker process; returns the worker's record plus held-out metrics."""
+def train_one(library: str, job: dict, python: str, reuse: bool = False) -> dict:
+    """Train one dictionary in a fresh worker process; returns the worker's record plus held-out metrics.
+
+    The record is also written to `job["out"]/record.json`; with `reuse`, a record there made by the same job
+    is returned without training again (a rerun of an interrupted sweep)."""
     from sae.io import load_dictionary
 
+    saved = Path(job["out"]) / "record.json"
+    if reuse and saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("job") == {**job, "library": library}:
+            return previous["record"]
     with tempfile.TemporaryDirectory() as scratch:
         job = {**job, "library": library, "result": f"{scratch}/result.json"}
         Path(f"{scratch}/job.json").write_text(json.dumps(job))
@@ -230,6 +238,7 @@ def train_one(library: str, job: dict, python: str) -> dict:
     dictionary = load_dictionary(record["folder"])
     record.update(measure(dictionary.encode, dictionary.decode, heldout_rows(job["heldout"], job["eval_tokens"])))
     record["tokens_per_cpu_s"] = record["tokens"] / record["cpu_s"]
+    saved.write_text(json.dumps({"job": {key: value for key, value in job.items() if key != "result"}, "record": record}))
     return record
 
 
@@ -263,10 +272,24 @@ def run_budget(args, steps: int, store: str) -> dict:
             "store_tokens": ActivationStore(store).n_tokens, "rows": rows, "matched_l0": matched(rows)}
 
 
+def ce_candidates(rows: list[dict]) -> list[dict]:
+    """The records worth a spliced evaluation (it runs the model): both TopK dictionaries, and of the ReLU sweeps
+    the pair of ours and SAELens' whose L0s are closest (in log L0)."""
+    picked = [row[library] for row in rows if row["spec"]["architecture"] == "topk" for library in ("ours", "saelens")
+              if library in row]
+    relu = [row for row in rows if row["spec"]["architecture"] == "standard"]
+    pairs = [(abs(math.log(a["ours"]["l0"] / b["saelens"]["l0"])), a["ours"], b["saelens"]) for a in relu for b in relu
+             if "ours" in a and "saelens" in b]
+    if pairs:
+        picked += list(min(pairs, key=lambda pair: pair[0])[1:])
+    return picked
+
+
 def spliced_ce(budgets: list[dict], n_contexts: int, threads: int) -> None:
     """CE increase when spliced (circuits.evaluation, BOS and massive activations passed through) of every trained
-    dictionary, ours and SAELens' alike, on the first `n_contexts` held-out contexts (the eval split, seed 0, as
-    the held-out store); adds `ce_increase` and `kl` to each record. Needs this repository's main environment."""
+    dictionary picked by `ce_candidates`, ours and SAELens' alike, on the first `n_contexts` held-out contexts (the
+    eval split, seed 0, as the held-out store); adds `ce_increase` and `kl` to those records. Needs this
+    repository's main environment (transformer-lens 4)."""
     import torch
     from circuits.evaluation import evaluate_dictionaries
     from circuits.models import load_model
@@ -276,8 +299,7 @@ def spliced_ce(budgets: list[dict], n_contexts: int, threads: int) -> None:
     torch.set_num_threads(threads)
     model = load_model("smollm2-135m", device="cpu")
     contexts = tokenize_contexts(load_corpus("registry"), model.tokenizer, 128, n_contexts, split="eval", seed=0)
-    records = [row[library] for budget in budgets for row in budget["rows"] for library in ("ours", "saelens")
-               if library in row]
+    records = [record for budget in budgets for record in ce_candidates(budget["rows"])]
     results = evaluate_dictionaries(model, [load_dictionary(record["folder"]) for record in records], contexts,
                                     progress=False)
     for record, result in zip(records, results):

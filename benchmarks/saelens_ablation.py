@@ -28,23 +28,23 @@ OLD_RECIPE = {"b_dec_init": "mean", "unit_norm_decoder": True, "decoder_init_nor
 SAELENS_LIKE = {"b_dec_init": "zero", "unit_norm_decoder": False, "decoder_init_norm": 0.1, "grad_clip_norm": 1.0,
                 "lr_decay_fraction": 0.0, "lr_warmup_steps": 0, "l1_warmup_steps": 0}
 # name -> (what it changes, TrainingConfig overrides; "dictionary" holds DictionaryConfig overrides)
-VARIANTS = {
+VARIANTS = {  # in the order they are run (the likeliest causes first)
     "baseline": ("our recipe before issue 14", {}),
+    "saelens_recipe": ("all of SAELens' choices below at once", SAELENS_LIKE),
+    "free_decoder_init_0.1": ("free decoder rows and init norm 0.1 (SAELens)",
+                              {"unit_norm_decoder": False, "decoder_init_norm": 0.1}),
     "b_dec_zero": ("b_dec starts at 0 (SAELens), not the batch mean", {"b_dec_init": "zero"}),
     "b_dec_median": ("b_dec starts at the geometric median of batch 0", {"b_dec_init": "geometric_median"}),
     "init_0.1": ("rows start at norm 0.1 (encoder = decoder transpose); decoder still held at unit norm, so only "
                  "the encoder keeps the small init", {"decoder_init_norm": 0.1}),
     "free_decoder": ("decoder rows free, sparsity weighted by row norm (TopK: selection on pre x norm), init norm 1",
                      {"unit_norm_decoder": False}),
-    "free_decoder_init_0.1": ("free decoder rows and init norm 0.1 (SAELens)",
-                              {"unit_norm_decoder": False, "decoder_init_norm": 0.1}),
     "clip_1": ("gradient norm clipped at 1.0 (SAELens)", {"grad_clip_norm": 1.0}),
     "no_lr_decay": ("constant learning rate to the end (SAELens' default), not a linear decay over the last 20%",
                     {"lr_decay_fraction": 0.0}),
     "no_warmups": ("no learning-rate or L1 warm-up (SAELens' defaults)", {"lr_warmup_steps": 0, "l1_warmup_steps": 0}),
     "no_b_dec_input": ("encode x, not x - b_dec (apply_b_dec_to_input False)",
                        {"dictionary": {"apply_b_dec_to_input": False}}),
-    "saelens_recipe": ("all of SAELens' choices above at once", SAELENS_LIKE),
 }
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=146)
     parser.add_argument("--k", type=int, default=60)
     parser.add_argument("--l1", type=float, default=2e-3, help="our L1 coefficient for every variant")
-    parser.add_argument("--saelens-l1", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3],
+    parser.add_argument("--saelens-l1", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3],
                         help="SAELens' sweep, in our units (x d_in in SAELens)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
@@ -78,7 +78,8 @@ def main() -> None:
         for spec in [specs[0]] + [{"architecture": "standard", "l1_coefficient": a} for a in args.saelens_l1]:
             out = Path(args.out) / "saelens" / "_".join(f"{k}_{v}" for k, v in spec.items())
             out.mkdir(parents=True, exist_ok=True)
-            record = compare.train_one("saelens", {**base, "spec": spec, "out": str(out)}, compare.DEFAULT_SAELENS_PYTHON)
+            record = compare.train_one("saelens", {**base, "spec": spec, "out": str(out)}, compare.DEFAULT_SAELENS_PYTHON,
+                                       reuse=True)
             compare.print_row(args.steps, spec, "saelens", record)
             saelens.append({"spec": spec, **record})
     curve = [(row["l0"], row["fvu"]) for row in saelens if row["spec"]["architecture"] == "standard"]
@@ -94,7 +95,7 @@ def main() -> None:
             out = Path(args.out) / name / spec["architecture"]
             out.mkdir(parents=True, exist_ok=True)
             record = compare.train_one("ours", {**base, "spec": {**spec, **dictionary}, "out": str(out),
-                                                "ours_options": overrides}, sys.executable)
+                                                "ours_options": overrides}, sys.executable, reuse=True)
             compare.print_row(args.steps, spec, f"{name}", record)
             row[spec["architecture"]] = record
         row["topk_fvu_ratio"] = row["topk"]["fvu"] / topk_reference
@@ -102,6 +103,12 @@ def main() -> None:
         row["relu_saelens_fvu_at_l0"] = at_l0
         row["relu_fvu_ratio"] = None if at_l0 is None else row["standard"]["fvu"] / at_l0
         variants.append(row)
+        write(args, saelens, variants, started)
+    write(args, saelens, variants, started)
+
+
+def write(args, saelens: list[dict], variants: list[dict], started: float) -> None:
+    """The JSON (and Markdown) of what is done so far: rewritten after every variant."""
     report = {"command": " ".join(["python", "benchmarks/saelens_ablation.py", *sys.argv[1:]]), "steps": args.steps,
               "tokens": args.steps * args.batch_size, "threads": args.threads, "saelens": saelens,
               "variants": variants, "wall_s": time.perf_counter() - started}
@@ -109,7 +116,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.md:
         Path(args.md).write_text(markdown(report))
-    print(markdown(report))
+        print(markdown(report), flush=True)
 
 
 def markdown(report: dict) -> str:
