@@ -79,11 +79,11 @@ def report_row(curve: DictionaryCurve, unpatched: torch.Tensor, *, target_fracti
     full = evaluate(torch.full((n, 1), 1.0 / n, dtype=torch.float64))
     row = {"dictionary": curve.name, "search": curve.search, "n_features": curve.n_features,
            "n_candidates": curve.n_candidates, "kl_unpatched": float(unpatched.double().mean()),
-           "kl_floor": float(full["floor"][0]), "kl_target": float(full["target"][0]),
+           "kl_floor": _clip(float(full["floor"][0])), "kl_target": float(full["target"][0]),
            "kl_target_75pct_own": float(full["target_75"][0])}
     bounds = _bootstrap(evaluate, n, resamples, seed)
     for name in STATISTICS:
-        row[name] = _finite_or_nan(float(full[name][0]))
+        row[name] = _finite_or_nan(_clip(float(full[name][0])))
         row[f"{name}_lo"], row[f"{name}_hi"] = bounds.get(name, (math.nan, math.nan))
     row.update({"exact_evaluations": curve.evaluations, "search_seconds": sum(curve.timings.values()),
                 "stopped": curve.stopped})
@@ -105,6 +105,11 @@ def _bootstrap(evaluate, n: int, resamples: int, seed: int) -> dict[str, tuple[f
         high = samples[int(math.ceil(0.975 * (resamples - 1)))].item()
         bounds[name] = (_finite_or_nan(low) if not math.isinf(low) else math.inf, high)
     return bounds
+
+
+def _clip(value: float) -> float:
+    """Float rounding below 0 (down to -1e-6; KL is never negative) shown as 0, as curves.clip_kl does."""
+    return 0.0 if -1e-6 <= value < 0 else value
 
 
 def _finite_or_nan(value: float) -> float:
