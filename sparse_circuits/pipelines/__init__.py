@@ -4,6 +4,7 @@ train     harvest activations at hook points and train SAEs from that one harves
 evaluate  measure saved dictionary folders on held-out text (`evaluate_folders`)
 ioi       the IOI benchmark with an SAE found, given or trained, and baselines cached per folder (`run_ioi`)
 trace     trace a feature or logit and export the graph (`trace_feature`, `trace_and_export`, `export_saved_graph`)
+dashboard an offline feature dashboard site for a dictionary or a baseline basis (`build_dashboard`)
 
 Import the submodule you need (`from sparse_circuits.pipelines.train import train_on_model`).
 """
