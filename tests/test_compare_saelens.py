@@ -53,6 +53,6 @@ def test_ce_candidates_are_the_topk_pair_and_the_closest_relu_pair(bench):
         return {"spec": {"architecture": architecture}, "ours": {"l0": ours_l0, "name": f"ours {ours_l0}"},
                 "saelens": {"l0": theirs_l0, "name": f"saelens {theirs_l0}"}}
 
-    rows = [row("topk", 60, 60), row("standard", 200, 150), row("standard", 80, 40), row("standard", 25, 20)]
+    rows = [row("topk", 60, 60), row("standard", 200, 150), row("standard", 80, 40), row("standard", 25, 10)]
     names = [record["name"] for record in bench.ce_candidates(rows)]
     assert names == ["ours 60", "saelens 60", "ours 200", "saelens 150"]  # log(200/150) is the smallest gap
