@@ -36,7 +36,7 @@ from sae.training.config import TrainingConfig
 
 MIN_PILOT_TOKENS = 1 << 18
 PILOT_FRACTION = 0.25
-FIRST_ROUND_FACTORS = (1 / 8, 1 / 3, 1.0, 3.0, 9.0)  # times the starting coefficient
+FIRST_ROUND_FACTORS = (1 / 3, 1.0, 3.0, 9.0)  # times the starting coefficient
 SECOND_ROUND_FACTORS = (0.8, 1.0, 1.25)  # times the first round's estimate
 MEASURE_SEED = 1_000_003  # the L0 sample is drawn with its own seed, not the training order
 MEASURE_ROWS = 8192
