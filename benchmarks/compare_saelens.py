@@ -242,32 +242,46 @@ def train_one(library: str, job: dict, python: str, reuse: bool = False) -> dict
     return record
 
 
-def sae_specs(args) -> list[dict]:
-    specs = [{"architecture": "topk", "k": k} for k in args.k]
-    specs += [{"architecture": "standard", "l1_coefficient": a} for a in args.l1]
-    return specs
+def sae_specs(args, library: str) -> list[dict]:
+    """What `library` trains: every --k, and its L1 sweep (--l1; SAELens' --saelens-l1 when given)."""
+    l1 = args.saelens_l1 if library == "saelens" and args.saelens_l1 is not None else args.l1
+    return [{"architecture": "topk", "k": k} for k in args.k] + [{"architecture": "standard", "l1_coefficient": a}
+                                                                  for a in l1]
 
 
 def run_budget(args, steps: int, store: str) -> dict:
-    rows = []
-    for spec in sae_specs(args):
-        out = Path(args.out) / f"steps_{steps}" / "_".join(f"{key}_{value}" for key, value in spec.items())
-        job = {"store": store, "heldout": args.heldout, "eval_tokens": args.eval_tokens, "steps": steps,
-               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "expansion": args.expansion,
-               "threads": args.threads, "spec": spec, "ours_options": parse_overrides(args.ours_option),
-               "saelens_options": parse_overrides(args.saelens_option),
-               "saelens_trainer": parse_overrides(args.saelens_trainer_option)}
-        row = {"spec": spec}
-        for library in ("ours", "saelens"):
-            if library in args.libraries:
-                out_library = out / library
-                out_library.mkdir(parents=True, exist_ok=True)
-                python = sys.executable if library == "ours" else args.saelens_python
-                row[library] = train_one(library, {**job, "out": str(out_library)}, python)
-                print_row(steps, spec, library, row[library])
-        rows.append(row)
+    """Train every (library, spec) of one budget, `args.jobs` worker processes at a time (each measures its own
+    CPU time, so running several side by side changes only the wall time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from sae.activation_store import ActivationStore
 
+    tasks = []
+    for library in args.libraries:
+        for spec in sae_specs(args, library):
+            out = Path(args.out) / f"steps_{steps}" / "_".join(f"{key}_{value}" for key, value in spec.items()) / library
+            out.mkdir(parents=True, exist_ok=True)
+            job = {"store": store, "heldout": args.heldout, "eval_tokens": args.eval_tokens, "steps": steps,
+                   "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "expansion": args.expansion,
+                   "threads": args.threads, "spec": spec, "ours_options": parse_overrides(args.ours_option),
+                   "saelens_options": parse_overrides(args.saelens_option),
+                   "saelens_trainer": parse_overrides(args.saelens_trainer_option), "out": str(out)}
+            tasks.append((library, spec, job))
+
+    def run(task):
+        library, spec, job = task
+        record = train_one(library, job, sys.executable if library == "ours" else args.saelens_python)
+        print_row(steps, spec, library, record)
+        return record
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        records = list(pool.map(run, tasks))
+    rows: list[dict] = []
+    for (library, spec, _), record in zip(tasks, records):
+        row = next((row for row in rows if row["spec"] == spec), None)
+        if row is None:
+            rows.append(row := {"spec": spec})
+        row[library] = record
     return {"steps": steps, "tokens": steps * args.batch_size, "store": store,
             "store_tokens": ActivationStore(store).n_tokens, "rows": rows, "matched_l0": matched(rows)}
 
@@ -308,9 +322,13 @@ def spliced_ce(budgets: list[dict], n_contexts: int, threads: int) -> None:
 
 
 def matched(rows: list[dict]) -> list[dict]:
-    relu = [row for row in rows if row["spec"]["architecture"] == "standard" and "ours" in row and "saelens" in row]
-    points = lambda library: [{**row[library], "l1_coefficient": row["spec"]["l1_coefficient"]} for row in relu]
-    return matched_rows(points("ours"), points("saelens")) if relu else []
+    """Our ReLU points against SAELens' sweep (see matched_rows)."""
+    relu = [row for row in rows if row["spec"]["architecture"] == "standard"]
+
+    def points(library: str) -> list[dict]:
+        return [{**row[library], "l1_coefficient": row["spec"]["l1_coefficient"]} for row in relu if library in row]
+
+    return matched_rows(points("ours"), points("saelens")) if points("ours") and points("saelens") else []
 
 
 def print_row(steps: int, spec: dict, library: str, record: dict) -> None:
@@ -332,6 +350,8 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--k", type=int, nargs="*", default=[60])
     parser.add_argument("--l1", type=float, nargs="*", default=[], help="our L1 coefficients (SAELens: x d_in)")
+    parser.add_argument("--saelens-l1", type=float, nargs="*", help="SAELens' sweep, in our units (default: --l1)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes side by side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--libraries", nargs="+", default=["ours", "saelens"], choices=["ours", "saelens"])

@@ -6,6 +6,9 @@ same store, batches and steps (benchmarks/compare_saelens.py does the training a
 points is compared with SAELens' FVU interpolated at its L0. Writes JSON and a Markdown table:
 
     python benchmarks/saelens_ablation.py --store STORE --heldout HELDOUT --steps 146 --json ablation.json --md ablation.md
+
+`--architectures topk` and `--architectures standard` run the two halves (side by side, as two processes);
+`--merge A.json B.json --json ablation.json --md ablation.md` puts them in one table.
 """
 
 from __future__ import annotations
@@ -50,68 +53,98 @@ VARIANTS = {  # in the order they are run (the likeliest causes first)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True)
-    parser.add_argument("--heldout", required=True)
+    parser.add_argument("--store")
+    parser.add_argument("--heldout")
     parser.add_argument("--steps", type=int, default=146)
     parser.add_argument("--k", type=int, default=60)
     parser.add_argument("--l1", type=float, default=2e-3, help="our L1 coefficient for every variant")
-    parser.add_argument("--saelens-l1", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3],
+    parser.add_argument("--saelens-l1", type=float, nargs="+", default=[1e-3, 3e-3, 9e-3],
                         help="SAELens' sweep, in our units (x d_in in SAELens)")
+    parser.add_argument("--architectures", nargs="+", default=["topk", "standard"], choices=["topk", "standard"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--saelens-threads", type=int, help="torch threads of the SAELens runs (default --threads)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--skip-saelens", help="reuse the SAELens rows of this earlier --json")
     parser.add_argument("--out", default="saelens_ablation_runs")
+    parser.add_argument("--merge", nargs="+", help="only write --json/--md from these part JSONs (one per architecture)")
     parser.add_argument("--json", required=True)
     parser.add_argument("--md")
     args = parser.parse_args()
+    if args.merge:
+        write(merge([json.loads(Path(path).read_text()) for path in args.merge]), args)
+        return
+    if not args.store or not args.heldout:
+        parser.error("--store and --heldout are required")
 
     base = {"store": args.store, "heldout": args.heldout, "eval_tokens": 16_384, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "seed": 0, "expansion": 4, "threads": args.threads}
-    specs = [{"architecture": "topk", "k": args.k}, {"architecture": "standard", "l1_coefficient": args.l1}]
+    specs = {"topk": [{"architecture": "topk", "k": args.k}],
+             "standard": [{"architecture": "standard", "l1_coefficient": a} for a in args.saelens_l1]}
     started = time.perf_counter()
-    if args.skip_saelens:
-        saelens = json.loads(Path(args.skip_saelens).read_text())["saelens"]
-    else:
-        saelens = []
-        for spec in [specs[0]] + [{"architecture": "standard", "l1_coefficient": a} for a in args.saelens_l1]:
+    report = {"command": " ".join(["python", "benchmarks/saelens_ablation.py", *sys.argv[1:]]), "steps": args.steps,
+              "tokens": args.steps * args.batch_size, "threads": args.threads,
+              "saelens_threads": args.saelens_threads or args.threads, "saelens": [], "variants": []}
+    for architecture in args.architectures:
+        for spec in specs[architecture]:
             out = Path(args.out) / "saelens" / "_".join(f"{k}_{v}" for k, v in spec.items())
             out.mkdir(parents=True, exist_ok=True)
-            record = compare.train_one("saelens", {**base, "spec": spec, "out": str(out)}, compare.DEFAULT_SAELENS_PYTHON,
-                                       reuse=True)
+            job = {**base, "spec": spec, "out": str(out), "threads": report["saelens_threads"]}
+            record = compare.train_one("saelens", job, compare.DEFAULT_SAELENS_PYTHON, reuse=True)
             compare.print_row(args.steps, spec, "saelens", record)
-            saelens.append({"spec": spec, **record})
-    curve = [(row["l0"], row["fvu"]) for row in saelens if row["spec"]["architecture"] == "standard"]
-    topk_reference = next(row["fvu"] for row in saelens if row["spec"]["architecture"] == "topk")
+            report["saelens"].append({"spec": spec, **record})
 
-    variants = []
+    ours = {"topk": {"architecture": "topk", "k": args.k}, "standard": {"architecture": "standard", "l1_coefficient": args.l1}}
     for name in args.variants:
         what, overrides = VARIANTS[name]
         overrides = {**OLD_RECIPE, **overrides}
         dictionary = overrides.pop("dictionary", {})
         row = {"variant": name, "what": what, "training": overrides, "dictionary": dictionary}
-        for spec in specs:
-            out = Path(args.out) / name / spec["architecture"]
+        for architecture in args.architectures:
+            spec = ours[architecture]
+            out = Path(args.out) / name / architecture
             out.mkdir(parents=True, exist_ok=True)
             record = compare.train_one("ours", {**base, "spec": {**spec, **dictionary}, "out": str(out),
                                                 "ours_options": overrides}, sys.executable, reuse=True)
-            compare.print_row(args.steps, spec, f"{name}", record)
-            row[spec["architecture"]] = record
-        row["topk_fvu_ratio"] = row["topk"]["fvu"] / topk_reference
-        at_l0 = compare.fvu_at_l0(curve, row["standard"]["l0"])
-        row["relu_saelens_fvu_at_l0"] = at_l0
-        row["relu_fvu_ratio"] = None if at_l0 is None else row["standard"]["fvu"] / at_l0
-        variants.append(row)
-        write(args, saelens, variants, started)
-    write(args, saelens, variants, started)
+            compare.print_row(args.steps, spec, name, record)
+            row[architecture] = record
+        report["variants"].append(row)
+        report["wall_s"] = time.perf_counter() - started
+        write(compare_rows(report), args)
 
 
-def write(args, saelens: list[dict], variants: list[dict], started: float) -> None:
-    """The JSON (and Markdown) of what is done so far: rewritten after every variant."""
-    report = {"command": " ".join(["python", "benchmarks/saelens_ablation.py", *sys.argv[1:]]), "steps": args.steps,
-              "tokens": args.steps * args.batch_size, "threads": args.threads, "saelens": saelens,
-              "variants": variants, "wall_s": time.perf_counter() - started}
+def compare_rows(report: dict) -> dict:
+    """Each variant's FVU against SAELens': TopK directly (L0 = k), ReLU at its L0 on SAELens' sweep."""
+    curve = [(row["l0"], row["fvu"]) for row in report["saelens"] if row["spec"]["architecture"] == "standard"]
+    topk = [row["fvu"] for row in report["saelens"] if row["spec"]["architecture"] == "topk"]
+    for row in report["variants"]:
+        if "topk" in row and topk:
+            row["topk_fvu_ratio"] = row["topk"]["fvu"] / topk[0]
+        if "standard" in row and curve:
+            at_l0 = compare.fvu_at_l0(curve, row["standard"]["l0"])
+            row["relu_saelens_fvu_at_l0"] = at_l0
+            row["relu_fvu_ratio"] = None if at_l0 is None else row["standard"]["fvu"] / at_l0
+    return report
+
+
+def merge(parts: list[dict]) -> dict:
+    """One report from part reports run side by side (say one per architecture): their SAELens rows, and each
+    variant's records from every part that ran it."""
+    merged = {"command": " && ".join(part["command"] for part in parts), "steps": parts[0]["steps"],
+              "tokens": parts[0]["tokens"], "threads": parts[0]["threads"],
+              "saelens_threads": parts[0]["saelens_threads"], "parts": [part["command"] for part in parts],
+              "saelens": [row for part in parts for row in part["saelens"]], "variants": []}
+    by_name: dict[str, dict] = {}
+    for part in parts:
+        for row in part["variants"]:
+            if row["variant"] not in by_name:
+                by_name[row["variant"]] = {key: row[key] for key in ("variant", "what", "training", "dictionary")}
+                merged["variants"].append(by_name[row["variant"]])
+            by_name[row["variant"]].update({key: row[key] for key in ("topk", "standard") if key in row})
+    return compare_rows(merged)
+
+
+def write(report: dict, args) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.md:
@@ -121,20 +154,31 @@ def write(args, saelens: list[dict], variants: list[dict], started: float) -> No
 
 def markdown(report: dict) -> str:
     saelens = report["saelens"]
-    topk = next(row for row in saelens if row["spec"]["architecture"] == "topk")
-    lines = [f"Same {report['tokens']:,} activations ({report['steps']} steps of 2048), held-out 16k tokens, "
-             f"{report['threads']} torch thread(s). Command: `{report['command']}`", "",
-             f"SAELens 6.54 reference: TopK k={topk['spec']['k']} FVU {topk['fvu']:.4f} (dead {topk['dead_fraction']:.3f});"
-             " ReLU+L1 sweep (L0, FVU): " + ", ".join(f"({row['l0']:.1f}, {row['fvu']:.4f})" for row in saelens
-                                                       if row["spec"]["architecture"] == "standard"), "",
-             "| variant | TopK FVU | / SAELens | TopK dead | ReLU L0 | ReLU FVU | SAELens FVU at that L0 | ratio | what |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    topk = [row for row in saelens if row["spec"]["architecture"] == "topk"]
+    relu = [row for row in saelens if row["spec"]["architecture"] == "standard"]
+    lines = [f"Same {report['tokens']:,} activations ({report['steps']} steps of 2048), held-out 16k tokens; "
+             f"torch threads: ours {report['threads']}, SAELens {report['saelens_threads']}.", "",
+             f"Command: `{report['command']}`", ""]
+    if topk:
+        lines.append(f"SAELens 6.54 TopK k={topk[0]['spec']['k']}: FVU {topk[0]['fvu']:.4f}, dead "
+                     f"{topk[0]['dead_fraction']:.3f}.")
+    if relu:
+        lines.append("SAELens 6.54 ReLU+L1 sweep (L1 in our units, L0, FVU): " + ", ".join(
+            f"({row['spec']['l1_coefficient']:g}, {row['l0']:.1f}, {row['fvu']:.4f})" for row in relu) + ".")
+    lines += ["", "| variant | TopK FVU | / SAELens | TopK dead | ReLU L0 | ReLU FVU | SAELens FVU at that L0 | ratio | "
+              "what |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def number(value, digits: int = 4) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
     for row in report["variants"]:
-        at = row["relu_saelens_fvu_at_l0"]
-        lines.append(f"| {row['variant']} | {row['topk']['fvu']:.4f} | {row['topk_fvu_ratio']:.3f} | "
-                     f"{row['topk']['dead_fraction']:.3f} | {row['standard']['l0']:.1f} | {row['standard']['fvu']:.4f} | "
-                     f"{'out of range' if at is None else f'{at:.4f}'} | "
-                     f"{'' if row['relu_fvu_ratio'] is None else format(row['relu_fvu_ratio'], '.3f')} | {row['what']} |")
+        top, standard = row.get("topk", {}), row.get("standard", {})
+        at = row.get("relu_saelens_fvu_at_l0")
+        lines.append(f"| {row['variant']} | {number(top.get('fvu'))} | {number(row.get('topk_fvu_ratio'), 3)} | "
+                     f"{number(top.get('dead_fraction'), 3)} | {number(standard.get('l0'), 1)} | "
+                     f"{number(standard.get('fvu'))} | "
+                     f"{'out of range' if standard and at is None else number(at)} | "
+                     f"{number(row.get('relu_fvu_ratio'), 3)} | {row['what']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,7 @@ def test_gradient_clipping_is_applied(tmp_path, data):
     moved = {}
     for clip in (None, 1e-12):
         training = TrainingConfig(total_tokens=4 * 256, batch_size=256, lr=1e-2, checkpoint_every=None,
-                                  grad_clip_norm=clip, lr_decay_fraction=0.0)
+                                  grad_clip_norm=clip, lr_decay_fraction=0.0, unit_norm_decoder=True)
         [result] = train_dictionaries(TensorBatchSource({HOOK: data}), [cfg], training, tmp_path / str(clip),
                                       progress=False)
         moved[clip] = (result.dictionary.W_enc - ReluSAE(cfg).W_enc).abs().max().item()
@@ -133,3 +133,15 @@ def test_recipe_options_are_checked(tmp_path):
             train_dictionaries(TensorBatchSource({HOOK: x}), [cfg], TrainingConfig(
                 total_tokens=64, batch_size=64, unit_norm_decoder=False, checkpoint_every=None), tmp_path,
                 progress=False)
+
+
+def test_the_default_recipe_depends_on_tying_and_architecture():
+    """Untied ReLU and TopK train with free rows from norm 0.1 (SAELens' recipe, better at equal L0: see
+    results/saelens/ablation.md); tied SAEs keep the paper's unit-norm rows, as do architectures without support."""
+    training = TrainingConfig(total_tokens=64, batch_size=64)
+    assert training.free_decoder_rows(tied=False, supported=True)
+    assert not training.free_decoder_rows(tied=True, supported=True)
+    assert not training.free_decoder_rows(tied=False, supported=False)
+    assert training.initial_row_norm(True) == 0.1 and training.initial_row_norm(False) is None
+    explicit = TrainingConfig(total_tokens=64, batch_size=64, unit_norm_decoder=True, decoder_init_norm=None)
+    assert not explicit.free_decoder_rows(tied=False, supported=True) and explicit.initial_row_norm(False) is None

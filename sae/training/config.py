@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sae.finite import check_finite_number
 
 B_DEC_INITS = ("mean", "geometric_median", "zero")
+AUTO_DECODER_INIT_NORM = 0.1  # decoder_init_norm "auto" with free rows
 
 
 @dataclass
@@ -31,8 +32,12 @@ class TrainingConfig:
     exclude_outliers: bool = True  # leave massive activations (norm > 10x the batch median) out of every step
     # The recipe (see the module docstring of sae/training/loop.py and results/saelens/ablation.md):
     b_dec_init: str = "mean"  # decoder bias at step 0: "mean" / "geometric_median" of batch 0's typical rows, or "zero"
-    unit_norm_decoder: bool = True  # hold decoder rows at norm 1; False: free rows, sparsity weighted by row norm
-    decoder_init_norm: float | None = None  # initial decoder row norm (encoder = decoder transpose); None: 1
+    # True: decoder rows held at norm 1 (the paper); False: free rows, sparsity measured on codes x row norm
+    # (SAELens); None: free for untied SAEs of architectures that support it (standard, topk), else unit.
+    unit_norm_decoder: bool | None = None
+    # initial decoder row norm (the encoder starts as the decoder's transpose); None: 1; "auto": 0.1 (SAELens,
+    # Anthropic's April 2024 update) for SAEs trained with free rows, 1 for the others.
+    decoder_init_norm: float | str | None = "auto"
     grad_clip_norm: float | None = None  # clip the gradient's global norm at this value before each step; None: off
 
     def __post_init__(self) -> None:
@@ -56,12 +61,25 @@ class TrainingConfig:
             raise ValueError(f"b_dec_init must be one of {list(B_DEC_INITS)}, got {self.b_dec_init!r}")
         for name in ("decoder_init_norm", "grad_clip_norm"):
             value = getattr(self, name)
-            if value is not None:
-                check_finite_number(name, value, minimum=0.0)
-                if value <= 0:
-                    raise ValueError(f"{name} must be positive or None, got {value}")
+            if value is None or (name == "decoder_init_norm" and value == "auto"):
+                continue
+            check_finite_number(name, value, minimum=0.0)
+            if value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1 or None, got {self.checkpoint_every}")
+
+    def free_decoder_rows(self, tied: bool, supported: bool) -> bool:
+        """Whether an SAE (tied or not, its architecture supporting free rows or not) trains with free decoder rows."""
+        if self.unit_norm_decoder is None:
+            return supported and not tied
+        return not self.unit_norm_decoder
+
+    def initial_row_norm(self, free_rows: bool) -> float | None:
+        """The decoder row norm an SAE starts at (None: unit rows as built)."""
+        if self.decoder_init_norm == "auto":
+            return AUTO_DECODER_INIT_NORM if free_rows else None
+        return self.decoder_init_norm
 
     @property
     def total_steps(self) -> int:

@@ -120,7 +120,7 @@ def _check_inputs(source: BatchSource, configs: list[DictionaryConfig], names: l
             raise ValueError(f"architecture '{cfg.architecture}' has no training loss; train_dictionaries trains "
                              "SAEs (sae.dictionary.SparseAutoencoder subclasses)")
         built = build_dictionary(cfg)  # the architecture checks its own options (k, ...)
-        if not training.unit_norm_decoder and (cfg.tied or not built.supports_free_decoder):
+        if training.unit_norm_decoder is False and (cfg.tied or not built.supports_free_decoder):
             raise ValueError(f"unit_norm_decoder=False (free decoder rows) needs an untied SAE of an architecture that "
                              f"supports it (standard, topk); '{cfg.hook_name}' is {cfg.architecture}"
                              f"{', tied' if cfg.tied else ''}. Set unit_norm_decoder=True")
@@ -128,12 +128,18 @@ def _check_inputs(source: BatchSource, configs: list[DictionaryConfig], names: l
 
 def _new_trainee(name: str, cfg: DictionaryConfig, training: TrainingConfig, device: torch.device) -> Trainee:
     sae = build_dictionary(copy.deepcopy(cfg))
-    if training.decoder_init_norm is not None:
-        scale_initial_rows_(sae, training.decoder_init_norm)
+    norm = training.initial_row_norm(free_rows(training, sae))
+    if norm is not None:
+        scale_initial_rows_(sae, norm)
     sae = sae.to(device).train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=training.lr, betas=tuple(training.adam_betas))
     counters = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
     return Trainee(name, cfg.hook_name, sae, optimizer, counters)
+
+
+def free_rows(training: TrainingConfig, sae: Dictionary) -> bool:
+    """Whether this SAE trains with free decoder rows (TrainingConfig.unit_norm_decoder)."""
+    return training.free_decoder_rows(sae.cfg.tied, getattr(sae, "supports_free_decoder", False))
 
 
 def activation_scale(x: torch.Tensor) -> float:
@@ -166,7 +172,7 @@ def normalize_decoder_rows(decoder: torch.Tensor) -> None:
 
 def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: TrainingConfig) -> TrainingLoss:
     sae = trainee.sae
-    unit = training.unit_norm_decoder
+    unit = not free_rows(training, sae)
     state = TrainingState(step=step, sparsity_ramp=training.sparsity_ramp(step),
                           dead=trainee.tokens_since_fired >= training.dead_window_tokens,
                           aux_k_coefficient=training.aux_k_coefficient,
@@ -214,7 +220,7 @@ def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, train
                  ) -> TrainResult:
     """Fold the scale into a copy of the SAE and write its folder and training log."""
     final = copy.deepcopy(trainee.sae).cpu().eval()
-    if not training.unit_norm_decoder:  # free rows: fold their norms into the codes (same reconstructions)
+    if free_rows(training, final):  # free rows: fold their norms into the codes (same reconstructions)
         final.scale_features_(final.W_dec.detach().norm(dim=1).clamp_min(1e-12))
     final.fold_input_scale_(scale)
     final.cfg.extra = {**final.cfg.extra, "trained_steps": step, "trained_tokens": step * training.batch_size,
