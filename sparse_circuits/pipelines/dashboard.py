@@ -54,7 +54,7 @@ def fit_baseline_dictionary(model, name: str, hook: str, contexts, *, fit_tokens
     from circuits.hooks import validate_hooks
     from circuits.models import model_name_of
     from sae.baselines import fit_baseline
-    from sae.progress import progress_bar
+    from sae.progress import progress_bar, status
 
     validate_hooks(model, [hook])
     if name not in BASELINES:
@@ -69,6 +69,8 @@ def fit_baseline_dictionary(model, name: str, hook: str, contexts, *, fit_tokens
             activation = collect_activations(model, batch, [hook])[hook].float()
             rows.append(activation[~passthrough_positions(activation)].cpu())
     activations = torch.cat(rows)[:fit_tokens]
+    status(f"dashboard: fitting {name} on {len(activations):,} activations of width {activations.shape[1]}"
+           + (" (FastICA: minutes at d_model 576)" if name == "ica" else ""), enabled=progress)
     return fit_baseline(name, activations, seed, hook_name=hook, model_name=model_name_of(model))
 
 
