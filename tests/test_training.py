@@ -182,7 +182,7 @@ def test_resampling_revives_dead_features(tmp_path):
     for resample in (False, True):
         training = TrainingConfig(total_tokens=400 * 256, batch_size=256, lr=3e-3, log_every=50,
                                   checkpoint_every=None, dead_window_tokens=50 * 256, resample_dead=resample,
-                                  resample_every=100)
+                                  resample_every=100, unit_norm_decoder=True)  # the paper's recipe: many die
         results = train_dictionaries(TensorBatchSource({HOOK_A: x}), configs, training, tmp_path / str(resample),
                                      progress=False, stop_after_steps=200)  # right after the resampling at 200
         dead_after[resample] = activation_metrics(results[0].dictionary, [x])["dead_fraction"]
