@@ -20,3 +20,8 @@ IOI_TRAIN_EPOCHS = 16
 ERASE_METHODS = ("sae_attribution", "sae_activation", "sae_random", "random_dictionary", "leace", "mean_projection",
                  "leace_all_positions", "mean_projection_all_positions")  # = tasks.erasure.METHODS
 ERASE_KS = (1, 2, 4, 8, 16, 32)  # = tasks.erasure.DEFAULT_KS
+
+# The training recipe (issue 14; sae.training.TrainingConfig): untied ReLU and TopK SAEs train with free decoder
+# rows started at this norm (SAELens' recipe, better FVU at equal L0: results/saelens/ablation.md); tied SAEs keep
+# the paper's unit-norm rows.
+TRAIN_DECODER_INIT_NORM = 0.1  # = sae.training.config.AUTO_DECODER_INIT_NORM

@@ -145,3 +145,10 @@ def test_the_default_recipe_depends_on_tying_and_architecture():
     assert training.initial_row_norm(True) == 0.1 and training.initial_row_norm(False) is None
     explicit = TrainingConfig(total_tokens=64, batch_size=64, unit_norm_decoder=True, decoder_init_norm=None)
     assert not explicit.free_decoder_rows(tied=False, supported=True) and explicit.initial_row_norm(False) is None
+
+
+def test_the_cli_constant_matches_the_library():
+    from sae.training.config import AUTO_DECODER_INIT_NORM
+    from sparse_circuits import defaults
+
+    assert defaults.TRAIN_DECODER_INIT_NORM == AUTO_DECODER_INIT_NORM
