@@ -1,6 +1,10 @@
 """Sparsity by a target L0 (sae.training.calibration, `train --target-l0`): the pilots' choice lands the L0."""
 
+import dataclasses
 import json
+import math
+
+import torch
 
 import pytest
 
@@ -59,9 +63,33 @@ def test_calibrated_coefficient_gives_the_target_l0_in_the_full_run(tmp_path):
         assert max(lows) <= calibration.chosen <= min(highs)  # between the trials that bracket the target
         chosen = DictionaryConfig(architecture="standard", d_in=32, d_sae=128, hook_name=HOOK,
                                   l1_coefficient=calibration.chosen)
-        [result] = train_dictionaries(source, [chosen], training, tmp_path / f"run_{target}", progress=False)
+        steered = dataclasses.replace(training, target_l0=target)
+        [result] = train_dictionaries(source, [chosen], steered, tmp_path / f"run_{target}", progress=False)
         rows = next(source.batches([HOOK], 4096, 99))[HOOK]
         assert measured_l0(result.dictionary, rows) == pytest.approx(target, rel=0.2)
+        control = result.dictionary.cfg.extra["l0_control"]
+        assert control["start_coefficient"] == calibration.chosen
+        assert result.dictionary.cfg.l1_coefficient == pytest.approx(calibration.chosen * math.exp(control["log_factor"]))
+
+
+def test_the_l0_controller_corrects_a_wrong_coefficient_and_resumes_exactly(tmp_path):
+    # a coefficient far too small gives L0 far above the target without control; the controller brings it
+    # to within 20%, and a run killed half-way and resumed ends bit for bit where an uninterrupted one does
+    source = synthetic_source()
+    config = DictionaryConfig(architecture="standard", d_in=32, d_sae=128, hook_name=HOOK, l1_coefficient=0.01)
+    training = TrainingConfig(total_tokens=8 * 24_000, batch_size=256, lr=3e-3, lr_warmup_steps=10,
+                              checkpoint_every=100)
+    rows = next(source.batches([HOOK], 4096, 99))[HOOK]
+    [fixed] = train_dictionaries(source, [config], training, tmp_path / "fixed", progress=False)
+    steered = dataclasses.replace(training, target_l0=8.0)
+    [whole] = train_dictionaries(source, [config], steered, tmp_path / "whole", progress=False)
+    assert measured_l0(fixed.dictionary, rows) > 1.5 * 8.0
+    assert measured_l0(whole.dictionary, rows) == pytest.approx(8.0, rel=0.2)
+    train_dictionaries(source, [config], steered, tmp_path / "resumed", progress=False, stop_after_steps=300)
+    [resumed] = train_dictionaries(source, [config], steered, tmp_path / "resumed", progress=False)
+    assert resumed.dictionary.cfg.l1_coefficient == whole.dictionary.cfg.l1_coefficient
+    for name, tensor in whole.dictionary.state_dict().items():
+        assert torch.equal(tensor, resumed.dictionary.state_dict()[name]), name
 
 
 def test_k_architectures_take_the_target_as_k(tmp_path):
@@ -83,7 +111,7 @@ def test_train_target_l0_on_a_model_records_and_reuses_the_choice(tiny_llama_fol
     assert "calibrated blocks.1.hook_resid_post: l1_coefficient" in printed and "for target L0 30" in printed
     cfg = json.loads((out / "blocks.1.hook_resid_post" / "cfg.json").read_text())
     record = cfg["extra"]["calibration"]
-    assert cfg["l1_coefficient"] == pytest.approx(record["chosen"]) and record["target_l0"] == 30
+    assert cfg["extra"]["l0_control"]["start_coefficient"] == pytest.approx(record["chosen"]) and record["target_l0"] == 30
     assert record["pilot_tokens"] == 9000 and len(record["trials"]) >= 7
     assert cfg["extra"]["request"]["target_l0"] == 30
     kept = json.loads((out / "calibration.json").read_text())

@@ -13,9 +13,11 @@ SmolLM2-135M blocks.12 and L0 31, half the features dead, at Gemma-3-270M's midd
   round trains three coefficients close to that estimate; the trial whose L0 is closest to N in ratio,
   or the interpolation between the bracketing pair of all trials, is chosen.
 
-The pilot is shorter than the run, so the final L0 can differ from the pilot's; `pilot_tokens` defaults
-to a quarter of the run (at least 2^18 tokens, at most the whole run) and the drift is reported by the
-caller (training logs the final L0 beside the target). Pilot dictionaries are trained in a scratch folder
+The pilot is shorter than the run, so the final L0 can differ from the pilot's (measured on the synthetic
+test: the coefficient that gave L0 6 after half the steps gave L0 9.2 after all of them); `pilot_tokens`
+defaults to a quarter of the run (at least 2^18 tokens, at most the whole run). The pilots therefore choose
+the starting coefficient, and the run itself steers it toward the target (TrainingConfig.target_l0,
+sae/training/control.py); the pilots train with fixed coefficients. Pilot dictionaries are trained in a scratch folder
 that is removed afterwards; the trials are returned (and recorded by the caller in cfg.json).
 """
 
@@ -76,7 +78,7 @@ def pilot_training(training: TrainingConfig, pilot_tokens: int) -> TrainingConfi
     """The run's schedule shrunk to `pilot_tokens` (warm-up and decay keep their share of the steps)."""
     full_steps = training.total_steps
     pilot = dataclasses.replace(training, total_tokens=max(training.batch_size, pilot_tokens), checkpoint_every=None,
-                                resample_dead=False, log_every=max(1, training.log_every))
+                                resample_dead=False, log_every=max(1, training.log_every), target_l0=None)
     share = pilot.total_steps / full_steps
     warmup = max(1, round(training.lr_warmup_steps * share)) if training.lr_warmup_steps else 0
     l1_warmup = None if training.l1_warmup_steps is None else max(1, round(training.l1_warmup_steps * share))

@@ -39,6 +39,7 @@ class Trainee:
     optimizer: torch.optim.Adam
     tokens_since_fired: torch.Tensor  # [d_sae] int64
     log_rows: list[dict[str, float]] = field(default_factory=list)
+    log_sparsity_factor: float = 0.0  # the L0 controller's state (sae.training.control); 0: coefficient as set
 
 
 def run_fingerprint(names: list[str], configs: list[DictionaryConfig], training: TrainingConfig) -> dict[str, Any]:
@@ -74,7 +75,8 @@ def write_checkpoint(out_dir: Path, step: int, scales: dict[str, float], trainee
         for trainee in trainees:
             dictionary_io.write_tensor_file(_checkpoint_state(trainee), temporary / f"{trainee.name}.safetensors")
         state = {"step": step, "tokens": step * batch_size, "scales": scales, "fingerprint": fingerprint,
-                 "log_rows": {trainee.name: trainee.log_rows for trainee in trainees}}
+                 "log_rows": {trainee.name: trainee.log_rows for trainee in trainees},
+                 "log_sparsity_factors": {trainee.name: trainee.log_sparsity_factor for trainee in trainees}}
         atomic_write_text(temporary / "state.json", json.dumps(state, indent=1))
         os.replace(temporary, final)
     except BaseException as error:
@@ -119,6 +121,7 @@ def restore_checkpoint(folder: Path, trainees: list[Trainee], fingerprint: dict[
         tensors = dictionary_io.read_tensor_file(folder / f"{trainee.name}.safetensors")
         _load_trainee_state(trainee, tensors)
         trainee.log_rows = state["log_rows"][trainee.name]
+        trainee.log_sparsity_factor = float(state.get("log_sparsity_factors", {}).get(trainee.name, 0.0))
     return state["step"], state["scales"]
 
 

@@ -39,6 +39,10 @@ class TrainingConfig:
     # Anthropic's April 2024 update) for SAEs trained with free rows, 1 for the others.
     decoder_init_norm: float | str | None = "auto"
     grad_clip_norm: float | None = None  # clip the gradient's global norm at this value before each step; None: off
+    # Hold L0 at this target by steering the sparsity coefficient during the run (sae/training/control.py;
+    # architectures with a coefficient only: TopK/BatchTopK get their L0 from k). None: the coefficient is fixed.
+    target_l0: float | None = None
+    l0_control_gain: float = 0.03  # the controller's step, log coefficient per unit of log L0 error
 
     def __post_init__(self) -> None:
         check_finite_number("total_tokens", self.total_tokens)
@@ -66,6 +70,11 @@ class TrainingConfig:
             check_finite_number(name, value, minimum=0.0)
             if value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
+        if self.target_l0 is not None:
+            check_finite_number("target_l0", self.target_l0, minimum=0.0)
+            if self.target_l0 <= 0:
+                raise ValueError(f"target_l0 must be positive or None, got {self.target_l0}")
+        check_finite_number("l0_control_gain", self.l0_control_gain, minimum=0.0)
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1 or None, got {self.checkpoint_every}")
 

@@ -1,8 +1,11 @@
 """Training sparse autoencoders on activations, many at once from one pass over the data.
 
 Loss scaling. For each hook, a scalar s = sqrt(mean_tokens ||x||^2 / d_in) is measured on the first
-batch (batch 0 of the seed), and every SAE on that hook trains on x / s, so one L1 coefficient and
-learning rate mean the same thing at every layer and model. In that normalised space each architecture
+batch (batch 0 of the seed), and every SAE on that hook trains on x / s, so a learning rate means the same
+thing at every layer and model. A sparsity coefficient does not: the L0 it gives depends on the model,
+the layer and the run's length (alpha 1e-3 gives L0 183 at SmolLM2 blocks.12 and L0 31 at Gemma-3-270M's
+middle layer), so `target_l0` asks for an L0 instead (sae/training/calibration.py chooses a starting
+coefficient, sae/training/control.py holds L0 there during the run). In that normalised space each architecture
 computes its own loss (`training_loss`; the formulas are in sae/relu.py, topk.py, batchtopk.py, jumprelu.py),
 with decoder rows held at unit norm (the gradient along each row is removed before the Adam step and
 rows are renormalised after it), so a sparsity penalty cannot be dodged by shrinking codes. The sparsity
@@ -55,6 +58,7 @@ from sae.locking import folder_lock
 from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpoint, remove_stale_temporaries,
                                       restore_checkpoint, run_fingerprint, write_checkpoint)
 from sae.training.config import TrainingConfig
+from sae.training.control import controlled_coefficient, next_log_factor, steers
 from sae.training.initialisation import initial_decoder_bias, scale_initial_rows_
 from sae.training.resampling import resample_dead_features, resampling_generator
 
@@ -173,7 +177,7 @@ def normalize_decoder_rows(decoder: torch.Tensor) -> None:
 def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: TrainingConfig) -> TrainingLoss:
     sae = trainee.sae
     unit = not free_rows(training, sae)
-    state = TrainingState(step=step, sparsity_ramp=training.sparsity_ramp(step),
+    state = TrainingState(step=step, sparsity_ramp=training.sparsity_ramp(step) * math.exp(trainee.log_sparsity_factor),
                           dead=trainee.tokens_since_fired >= training.dead_window_tokens,
                           aux_k_coefficient=training.aux_k_coefficient,
                           decoder_norms=None if unit else sae.W_dec.norm(dim=1))
@@ -194,6 +198,10 @@ def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: Train
     with torch.no_grad():
         trainee.tokens_since_fired += x.shape[0]
         trainee.tokens_since_fired.masked_fill_((out.codes != 0).any(dim=0), 0)
+        if steers(sae.sparsity_setting, training.target_l0) and step + 1 >= training.l1_warmup:
+            trainee.log_sparsity_factor = next_log_factor(
+                trainee.log_sparsity_factor, float(l0(out.codes).mean()), training.target_l0,
+                gain=training.l0_control_gain, lr_fraction=lr / training.lr if training.lr > 0 else 0.0)
     return out.detached()
 
 
@@ -223,6 +231,10 @@ def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, train
     if free_rows(training, final):  # free rows: fold their norms into the codes (same reconstructions)
         final.scale_features_(final.W_dec.detach().norm(dim=1).clamp_min(1e-12))
     final.fold_input_scale_(scale)
+    if steers(final.sparsity_setting, training.target_l0):  # record the coefficient the controller ended at
+        final.cfg.extra["l0_control"] = {"target_l0": training.target_l0, "start_coefficient": final.cfg.l1_coefficient,
+                                         "log_factor": trainee.log_sparsity_factor}
+        final.cfg.l1_coefficient = controlled_coefficient(final.cfg.l1_coefficient, trainee.log_sparsity_factor)
     final.cfg.extra = {**final.cfg.extra, "trained_steps": step, "trained_tokens": step * training.batch_size,
                        "training_complete": step >= training.total_steps,
                        "training": json.loads(json.dumps(dataclasses.asdict(training)))}

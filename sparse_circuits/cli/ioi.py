@@ -25,7 +25,7 @@ epochs: 10-20 minutes on a 2-core CPU, once). Baselines are fitted once per outp
 --search greedy runs the paper's search instead (Cunningham et al. 2024, after ACDC): every candidate feature
 patched, then each one removed whose removal raises KL by less than a threshold, for a sweep of thresholds
 (default the paper's 50, 1e-5 .. 1); OUT/report.csv gives, for either search and every basis, the KL at 8,
-32, 128 and 512 features, the features to reach the KL target and 75% of the basis's own reduction, with 95%
+32, 128 and 512 features, the features to reach the KL target and three quarters of the basis's own reduction, with 95 percent
 bootstrap intervals over prompts. Prompts the model gets wrong (clean logit difference <= 0) are dropped and
 counted (details.json "dropped_prompts") unless --keep-failed-prompts."""
 

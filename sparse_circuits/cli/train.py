@@ -37,7 +37,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--target-l0", type=positive_float, default=None, metavar="N",
                         help="calibrate the sparsity per hook to give L0 N instead of --l1/--k: k = N for topk and "
                              "batchtopk; for relu and jumprelu short pilot runs of several coefficients choose it "
-                             "(reported, and kept in OUT/calibration.json and each cfg.json)")
+                             "(reported, and kept in OUT/calibration.json and each cfg.json); default: off, --l1/--k set it")
     parser.add_argument("--pilot-tokens", type=positive_int, default=None,
                         help="tokens per calibration pilot (default: a quarter of the run, at least 262,144)")
     tied = parser.add_mutually_exclusive_group()

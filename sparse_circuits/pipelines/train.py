@@ -161,7 +161,7 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
         seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
         resample_dead=request.resample_dead, resample_every=request.resample_every,
         lr_warmup_steps=min(100, max(1, int(0.05 * request.epochs * store.n_tokens / request.batch_size))),
-        dead_window_tokens=min(10_000_000, store.n_tokens),
+        dead_window_tokens=min(10_000_000, store.n_tokens), target_l0=request.target_l0,
     )
     if training.total_tokens < request.batch_size:
         raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "

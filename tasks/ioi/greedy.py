@@ -43,9 +43,9 @@ import torch
 
 from circuits.engine import FeaturePatcher
 from sae.progress import status
-from tasks.ioi.search import (PAPER_THRESHOLDS, BudgetExhausted, DictionaryCurve, SearchSettings, order_scores)
+from tasks.ioi.search import (PAPER_THRESHOLDS, BudgetExhausted, DictionaryCurve, SearchSettings, has_error_term,
+                              order_scores)
 
-ERROR_NODE_TOLERANCE = 1e-4  # error-term change / total change below this: the basis is complete, no error node
 
 
 def paper_thresholds() -> tuple[float, ...]:
@@ -53,16 +53,6 @@ def paper_thresholds() -> tuple[float, ...]:
     low, high, count = PAPER_THRESHOLDS
     return tuple(10 ** (math.log10(low) + (math.log10(high) - math.log10(low)) * i / (count - 1))
                  for i in range(count))
-
-
-def has_error_term(patcher: FeaturePatcher) -> bool:
-    """Whether patching the error term changes the activation (False for complete bases: PCA, neurons)."""
-    error = total = 0.0
-    for index, bucket in enumerate(patcher.run.buckets):
-        mask = patcher.masks[index][..., None].to(bucket.clean.dtype)
-        error += float(patcher.error_delta(index).pow(2).sum())
-        total += float(((bucket.counterfactual - bucket.clean) * mask).pow(2).sum())
-    return total > 0 and math.sqrt(error / total) > ERROR_NODE_TOLERANCE
 
 
 class SetEvaluator:

@@ -258,8 +258,6 @@ def search_dictionary(name: str, patcher: FeaturePatcher, metrics: dict, target:
     """
     curve = DictionaryCurve(name, n_features=patcher.n_features)
     if settings.error_node:
-        from tasks.ioi.greedy import has_error_term
-
         curve.details["has_error_term"] = has_error_term(patcher)
     search = _Search(patcher, metrics, curve, settings)
     phases = PhaseTimes()
@@ -343,3 +341,16 @@ def confirm_attribution(patcher: FeaturePatcher, metrics: dict, attributions: di
             **{f"predicted_{name}": values for name, values in check["predicted"].items()},
             **{f"exact_{name}": values for name, values in check["exact"].items()},
             **{f"spearman_{name}": value for name, value in check["spearman"].items()}}
+
+
+ERROR_NODE_TOLERANCE = 1e-4  # error-term change / total change below this: the basis is complete, no error node
+
+
+def has_error_term(patcher: FeaturePatcher) -> bool:
+    """Whether patching the error term changes the activation (False for complete bases: PCA, neurons)."""
+    error = total = 0.0
+    for index, bucket in enumerate(patcher.run.buckets):
+        mask = patcher.masks[index][..., None].to(bucket.clean.dtype)
+        error += float(patcher.error_delta(index).pow(2).sum())
+        total += float(((bucket.counterfactual - bucket.clean) * mask).pow(2).sum())
+    return total > 0 and math.sqrt(error / total) > ERROR_NODE_TOLERANCE
