@@ -16,9 +16,11 @@ positions too, to show what passing them through is worth.
 the massive activations are a few in ten thousand tokens but would hold most of the variance;
 `fvu_all_tokens` and `outlier_fraction` are reported beside them.
 
-Memory: a forward keeps full logits [rows, positions, vocabulary] (1 GB for 8 x 128 tokens of Gemma-3's
-262k vocabulary) and three of them live at once, so the rows per forward are capped by
-`circuits.metrics.LOGIT_BUDGET_BYTES` (256 MB a tensor): 8 contexts of 128 tokens on SmolLM2, 2 on Gemma-3.
+Memory: no forward here produces full logits. Each run stops after the last block (its final residual
+is [rows, pos, d_model]) and the CE and KL are summed window by window over positions, unembedding a
+few positions of each run at a time (`circuits.metrics.position_windows`: a window's logits fit 64 MB),
+so memory follows the batch, not positions x vocabulary (full logits of 8 x 128 tokens of Gemma-3's
+262k vocabulary are 1 GB each, and several used to live at once).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from __future__ import annotations
 import torch
 from sae.progress import progress_bar
 
-from circuits.engine import ActivationMap, passthrough_positions, run_with_edits
+from circuits.engine import ActivationMap, passthrough_positions, run_with_edits, unembed_positions
 from circuits.hooks import check_width
-from circuits.metrics import cross_entropy, rows_within_logit_budget, summed_kl
+from circuits.metrics import kl_divergence, position_windows, summed_cross_entropy
 from sae.dictionary import Dictionary
 from sae.metrics import ReconstructionTotals
 
@@ -46,35 +48,41 @@ def evaluate_dictionaries(model, dictionaries: list[Dictionary], contexts: torch
               for dictionary in dictionaries]
     sums = [{"ce_spliced": 0.0, "ce_zero": 0.0, "ce_replaced": 0.0, "kl": 0.0} for _ in dictionaries]
     ce_clean, predicted = 0.0, 0
-    # several full-logit tensors live at once: each forward's rows are capped so one stays under the budget
-    batch_size = rows_within_logit_budget(batch_size, contexts.shape[1], model.cfg.d_vocab)
     for begin in progress_bar(range(0, contexts.shape[0], batch_size), desc="evaluate", unit="batch", enabled=progress):
         tokens = contexts[begin : begin + batch_size]
-        clean = run_with_edits(model, tokens, record=list(dict.fromkeys(hooks)))
+        clean = run_with_edits(model, tokens, record=list(dict.fromkeys(hooks)), final_residual=True)
         tokens = tokens.to(clean.output.device)
-        ce_clean += cross_entropy(clean.output, tokens, start).item()
         predicted += tokens.shape[0] * (tokens.shape[1] - 1 - start)
-        for dictionary, total, sum_ in zip(dictionaries, totals, sums):
+        runs = []  # per dictionary: the final residuals of the spliced, zero-ablated and outliers-replaced runs
+        for dictionary, total in zip(dictionaries, totals):
             hook = dictionary.cfg.hook_name
             x = clean.recorded[hook]
             flat = x[:, start:].reshape(-1, x.shape[-1])
             reconstruction, codes = dictionary(flat)
             total.update(flat, reconstruction, codes)
 
-            def reconstruct(activation: torch.Tensor) -> torch.Tensor:
+            def reconstruct(activation: torch.Tensor, dictionary=dictionary) -> torch.Tensor:
                 return dictionary(activation)[0]
 
-            def run(fn, pass_massive: bool = exclude_outliers) -> torch.Tensor:
+            def run(fn, hook=hook, pass_massive: bool = exclude_outliers) -> torch.Tensor:
                 edit = ActivationMap(fn, exclude_bos=exclude_bos, pass_massive=pass_massive)
-                return run_with_edits(model, tokens, {hook: edit}).output
+                return run_with_edits(model, tokens, {hook: edit}, final_residual=True).output
 
             spliced = run(reconstruct)
-            sum_["ce_spliced"] += cross_entropy(spliced, tokens, start).item()
-            sum_["ce_zero"] += cross_entropy(run(torch.zeros_like), tokens, start).item()
-            sum_["kl"] += summed_kl(clean.output, spliced, start).item()
             massive = exclude_outliers and bool((passthrough_positions(x, exclude_bos=False)).any())
-            replaced = run(reconstruct, pass_massive=False) if massive else spliced
-            sum_["ce_replaced"] += cross_entropy(replaced, tokens, start).item()
+            runs.append({"spliced": spliced, "zero": run(torch.zeros_like),
+                         "replaced": run(reconstruct, pass_massive=False) if massive else spliced})
+        # CE and KL window by window over positions: never [rows, pos, vocab] logits at once
+        for a, b in position_windows(tokens.shape[1], start, tokens.shape[0], model.cfg.d_vocab):
+            targets = tokens[:, a + 1 : b + 1].reshape(-1)
+            clean_logits = unembed_positions(model, clean.output, a, b)
+            ce_clean += summed_cross_entropy(clean_logits.reshape(len(targets), -1), targets).item()
+            for run_outputs, sum_ in zip(runs, sums):
+                for name, key in (("spliced", "ce_spliced"), ("zero", "ce_zero"), ("replaced", "ce_replaced")):
+                    logits = unembed_positions(model, run_outputs[name], a, b)
+                    sum_[key] += summed_cross_entropy(logits.reshape(len(targets), -1), targets).item()
+                    if name == "spliced":
+                        sum_["kl"] += kl_divergence(clean_logits, logits).double().sum().item()
     return [_result(dictionary, {"tokens": total.all.tokens, **total.summary()}, sum_, ce_clean / predicted, predicted)
             for dictionary, total, sum_ in zip(dictionaries, totals, sums)]
 

@@ -49,11 +49,24 @@ def next_token_logits(logits: torch.Tensor, tokens: torch.Tensor, start: int = 0
 
 def cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
     """Summed next-token cross-entropy over positions start..pos-2; logits [b, pos, vocab], tokens [b, pos]."""
-    predicted, targets = next_token_logits(logits, tokens, start)
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for rows, wanted in _chunks(predicted, targets):
+    return summed_cross_entropy(*next_token_logits(logits, tokens, start))
+
+
+def summed_cross_entropy(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of predictions [n, vocab] against targets [n] (float64 total)."""
+    total = torch.zeros((), dtype=torch.float64, device=predicted.device)
+    for rows, wanted in _chunks(predicted, targets.to(predicted.device)):
         total = total + F.cross_entropy(rows.float(), wanted, reduction="sum").double()
     return total
+
+
+def position_windows(positions: int, start: int, rows: int, vocab: int, budget: int = LOGIT_BUDGET_BYTES // 4):
+    """(a, b) windows of the predicting positions start..positions-2, each [a, b) small enough that the
+    fp32 logits of `rows` x (b - a) positions fit `budget` bytes: CE and KL computed window by window
+    keep memory bounded by the batch, not by positions x vocabulary."""
+    width = max(1, budget // max(1, rows * vocab * 4))
+    for a in range(start, positions - 1, width):
+        yield a, min(a + width, positions - 1)
 
 
 def summed_kl(reference_logits: torch.Tensor, other_logits: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -58,18 +58,15 @@ def test_calibrated_coefficient_gives_the_target_l0_in_the_full_run(tmp_path):
                                          pilot_tokens=training.total_tokens // 2, progress=False)
         assert not (tmp_path / f"pilots_{target}").exists()  # the scratch pilots are removed
         assert calibration.setting == "l1_coefficient" and len(calibration.trials) >= 7
-        lows = [value for value, measured in calibration.trials if measured > target]
-        highs = [value for value, measured in calibration.trials if measured < target]
-        assert max(lows) <= calibration.chosen <= min(highs)  # between the trials that bracket the target
+        assert len(calibration.full_trials) >= 3  # the pilot is shorter than the run: pilots as long as the run follow
+        lows = [value for value, measured in calibration.full_trials if measured > target]
+        highs = [value for value, measured in calibration.full_trials if measured < target]
+        assert max(lows) <= calibration.chosen <= min(highs)  # between the full-length trials that bracket the target
         chosen = DictionaryConfig(architecture="standard", d_in=32, d_sae=128, hook_name=HOOK,
                                   l1_coefficient=calibration.chosen)
-        steered = dataclasses.replace(training, target_l0=target)
-        [result] = train_dictionaries(source, [chosen], steered, tmp_path / f"run_{target}", progress=False)
+        [result] = train_dictionaries(source, [chosen], training, tmp_path / f"run_{target}", progress=False)
         rows = next(source.batches([HOOK], 4096, 99))[HOOK]
         assert measured_l0(result.dictionary, rows) == pytest.approx(target, rel=0.2)
-        control = result.dictionary.cfg.extra["l0_control"]
-        assert control["start_coefficient"] == calibration.chosen
-        assert result.dictionary.cfg.l1_coefficient == pytest.approx(calibration.chosen * math.exp(control["log_factor"]))
 
 
 def test_the_l0_controller_corrects_a_wrong_coefficient_and_resumes_exactly(tmp_path):
@@ -111,8 +108,9 @@ def test_train_target_l0_on_a_model_records_and_reuses_the_choice(tiny_llama_fol
     assert "calibrated blocks.1.hook_resid_post: l1_coefficient" in printed and "for target L0 30" in printed
     cfg = json.loads((out / "blocks.1.hook_resid_post" / "cfg.json").read_text())
     record = cfg["extra"]["calibration"]
-    assert cfg["extra"]["l0_control"]["start_coefficient"] == pytest.approx(record["chosen"]) and record["target_l0"] == 30
-    assert record["pilot_tokens"] == 9000 and len(record["trials"]) >= 7
+    assert cfg["l1_coefficient"] == pytest.approx(record["chosen"]) and record["target_l0"] == 30
+    assert "l0_control" not in cfg["extra"]  # the CLI does not steer during the run
+    assert record["pilot_tokens"] == 9000 and len(record["trials"]) >= 7 and len(record["full_length_trials"]) >= 3
     assert cfg["extra"]["request"]["target_l0"] == 30
     kept = json.loads((out / "calibration.json").read_text())
     assert [entry["chosen"] for entry in kept.values()] == [record["chosen"]]

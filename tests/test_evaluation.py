@@ -88,11 +88,11 @@ def test_zero_ablation_keeps_bos_and_massive_positions(tiny_llama):
     assert (everywhere[1, 1:] == 0).all()
 
 
-def test_rows_per_forward_are_capped_by_the_logit_budget_without_changing_results(tiny_llama, random_sae, monkeypatch):
-    """With a budget that fits one context's logits, evaluation runs one row per forward (the cap a 262k
-    vocabulary needs) and gives the same numbers as eight rows per forward."""
+def test_ce_and_kl_are_summed_over_position_windows_without_changing_results(tiny_llama, random_sae, monkeypatch):
+    """Evaluation never unembeds more than a window of positions at once: with one-position windows (what a
+    262k vocabulary gets on a small budget) the numbers equal wide windows and a full-logit computation."""
     import circuits.evaluation as evaluation
-    from circuits.metrics import rows_within_logit_budget
+    from circuits.metrics import cross_entropy, position_windows
 
     hook = "blocks.1.hook_resid_post"
     cfg = DictionaryConfig("standard", d_in=tiny_llama.cfg.d_model, d_sae=64, hook_name=hook)
@@ -103,21 +103,21 @@ def test_rows_per_forward_are_capped_by_the_logit_budget_without_changing_result
             parameter.normal_(0, 0.3)
     contexts = _contexts(n=8, ctx=10)
     [wide] = evaluate_dictionaries(tiny_llama, [sae], contexts, batch_size=8, progress=False)
-    one_row = 10 * tiny_llama.cfg.d_vocab * 4
-    assert rows_within_logit_budget(8, 10, tiny_llama.cfg.d_vocab, budget=one_row) == 1
-    assert rows_within_logit_budget(8, 10, tiny_llama.cfg.d_vocab, budget=one_row - 1) == 1  # never below 1
-    assert rows_within_logit_budget(8, 128, 262_144) == 2 and rows_within_logit_budget(8, 128, 49_152) == 8
-    forwards = []
-    original = evaluation.run_with_edits
+    assert list(position_windows(10, 1, 8, 100, budget=8 * 100 * 4)) == [(a, a + 1) for a in range(1, 9)]
+    assert list(position_windows(10, 0, 8, 100)) == [(0, 9)]  # a small vocabulary: one window
+    widths = []
 
-    def counting(model, tokens, *args, **kwargs):
-        forwards.append(tokens.shape[0])
-        return original(model, tokens, *args, **kwargs)
+    def narrow_windows(positions, start, rows, vocab):
+        for a, b in position_windows(positions, start, rows, vocab, budget=rows * vocab * 4):
+            widths.append(b - a)
+            yield a, b
 
-    monkeypatch.setattr(evaluation, "run_with_edits", counting)
-    monkeypatch.setattr(evaluation, "rows_within_logit_budget",
-                        lambda rows, positions, vocab: rows_within_logit_budget(rows, positions, vocab, budget=one_row))
+    monkeypatch.setattr(evaluation, "position_windows", narrow_windows)
     [narrow] = evaluate_dictionaries(tiny_llama, [sae], contexts, batch_size=8, progress=False)
-    assert set(forwards) == {1}
+    assert set(widths) == {1}
     for key in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "kl", "fvu", "l0"):
         assert narrow[key] == pytest.approx(wide[key], rel=1e-5, abs=1e-6), key
+    with torch.no_grad():  # the clean CE from the model's own full logits
+        full = tiny_llama(contexts)
+    expected = cross_entropy(full, contexts, 1).item() / (8 * 8)
+    assert wide["ce_loss_clean"] == pytest.approx(expected, rel=1e-5)

@@ -13,10 +13,10 @@ from circuits.engine.patching import (MODES, Bucket, CachedRun, FeaturePatcher, 
                                       final_logits, length_buckets)
 from circuits.engine.positions import MASSIVE_FACTOR, encode_codes, passthrough_positions
 from circuits.engine.replay import PrefixReplay
-from circuits.engine.run import EngineRun, final_position_logits, run_with_edits
+from circuits.engine.run import EngineRun, final_position_logits, run_with_edits, unembed_positions
 from circuits.engine.splice import SPLICE_HOOKS, Splice, SplicedDictionary, check_dictionary_fits, splice_dictionaries, spliced
 
 __all__ = ["ActivationDelta", "ActivationMap", "FeatureAblation", "HookEdit", "MODES", "Bucket", "CachedRun",
            "FeaturePatcher", "SetEvaluation", "check_attribution", "final_logits", "length_buckets",
-           "MASSIVE_FACTOR", "encode_codes", "passthrough_positions", "PrefixReplay", "EngineRun", "final_position_logits", "run_with_edits",
+           "MASSIVE_FACTOR", "encode_codes", "passthrough_positions", "PrefixReplay", "EngineRun", "final_position_logits", "run_with_edits", "unembed_positions",
            "SPLICE_HOOKS", "Splice", "SplicedDictionary", "check_dictionary_fits", "splice_dictionaries", "spliced"]

@@ -48,8 +48,12 @@ def _detach(activation: torch.Tensor, hook=None) -> torch.Tensor:
 
 def run_with_edits(model, tokens: torch.Tensor, edits: Mapping[str, HookEdit] | None = None,
                    record: Iterable[str] = (), leaves: Iterable[str] = (), detach: Iterable[str] = (),
-                   stop_at_layer: int | None = None) -> EngineRun:
-    """Run `tokens` [rows, pos] through `model` with `edits` applied (see the module docstring)."""
+                   stop_at_layer: int | None = None, final_residual: bool = False) -> EngineRun:
+    """Run `tokens` [rows, pos] through `model` with `edits` applied (see the module docstring).
+
+    With `final_residual` the forward stops after the last block and `output` is its residual stream
+    [rows, pos, d_model] (before the final norm): `unembed_positions` turns positions of it into logits,
+    so a caller never holds [rows, pos, vocab] at once."""
     edits = dict(edits or {})
     record, leaves, detach = list(record), list(leaves), list(detach)
     recorded: dict[str, torch.Tensor] = {}
@@ -59,9 +63,14 @@ def run_with_edits(model, tokens: torch.Tensor, edits: Mapping[str, HookEdit] | 
                                        leaf_tensors)) for name in names]
     fwd_hooks += [(name, _detach) for name in detach]
     device = next(model.parameters()).device
+    if final_residual:
+        fwd_hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", _stop_with_residual))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*hook_scale.*")  # the bridge notes edited norm hooks
-        output = model.run_with_hooks(tokens.to(device), fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
+        try:
+            output = model.run_with_hooks(tokens.to(device), fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
+        except _FinalResidual as captured:
+            output = captured.residual
     _check_finite_output(output, edits)
     return EngineRun(output, recorded, leaf_tensors)
 
@@ -84,6 +93,15 @@ class _FinalResidual(Exception):
         self.residual = residual
 
 
+def _stop_with_residual(activation: torch.Tensor, hook=None):
+    raise _FinalResidual(activation)
+
+
+def unembed_positions(model, residual: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """Logits [rows, end - begin, vocab] of positions begin..end-1 of a final residual [rows, pos, d_model]."""
+    return model.unembed(model.ln_final(residual[:, begin:end]))
+
+
 def final_position_logits(model, tokens: torch.Tensor, final: torch.Tensor,
                           fwd_hooks: Iterable = ()) -> torch.Tensor:
     """Logits [rows, vocab] at one position per row (`final` [rows]) of a forward with `fwd_hooks`.
@@ -92,12 +110,8 @@ def final_position_logits(model, tokens: torch.Tensor, final: torch.Tensor,
     memory does not grow with positions x vocabulary (a 262k-token vocabulary makes full logits of 16
     prompts x 20 positions 0.3 GB)."""
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-
-    def stop(activation: torch.Tensor, hook=None):
-        raise _FinalResidual(activation)
-
     try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (last, stop)])
+        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (last, _stop_with_residual)])
     except _FinalResidual as captured:
         residual = captured.residual
     else:  # pragma: no cover - every model the bridge loads has the hook

@@ -10,15 +10,17 @@ SmolLM2-135M blocks.12 and L0 31, half the features dead, at Gemma-3-270M's midd
   coefficients at once (one pass over the first `pilot_tokens` of the same batches, the same schedule
   shape), each measured on a sample of typical tokens (massive activations left out, as in training);
   log L0 is interpolated linearly in log coefficient between the two trials that bracket N, and a second
-  round trains three coefficients close to that estimate; the trial whose L0 is closest to N in ratio,
-  or the interpolation between the bracketing pair of all trials, is chosen.
+  round trains three coefficients close to that estimate. That estimate is only a start: L0 keeps moving
+  as training goes on (Gemma-3-270M blocks.9, tied ReLU: the coefficient that gave L0 40 after 128 steps
+  gave L0 17 after the run's 293; SmolLM2 blocks.10/20 drifted by under 10%), so three pilots as long as
+  the run itself (0.5x, 1x, 2x the estimate, one pass, side by side) are trained and the coefficient is
+  interpolated between the two of them that bracket N (if none do, three more past the extreme).
 
-The pilot is shorter than the run, so the final L0 can differ from the pilot's (measured on the synthetic
-test: the coefficient that gave L0 6 after half the steps gave L0 9.2 after all of them); `pilot_tokens`
-defaults to a quarter of the run (at least 2^18 tokens, at most the whole run). The pilots therefore choose
-the starting coefficient, and the run itself steers it toward the target (TrainingConfig.target_l0,
-sae/training/control.py); the pilots train with fixed coefficients. Pilot dictionaries are trained in a scratch folder
-that is removed afterwards; the trials are returned (and recorded by the caller in cfg.json).
+The cost is about four trainings of one dictionary beside the run's own (the short pilots add about one
+more). Pilot dictionaries are trained in a scratch folder that is removed afterwards; the trials are
+returned (and recorded by the caller in cfg.json). A long run can instead hold L0 during training
+(TrainingConfig.target_l0, sae/training/control.py); on runs of a few hundred steps that controller
+overshoots (L0 responds to the coefficient with a lag of tens of steps), so `train --target-l0` does not use it.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ MIN_PILOT_TOKENS = 1 << 18
 PILOT_FRACTION = 0.25
 FIRST_ROUND_FACTORS = (1 / 3, 1.0, 3.0, 9.0)  # times the starting coefficient
 SECOND_ROUND_FACTORS = (0.8, 1.0, 1.25)  # times the first round's estimate
+FULL_ROUND_FACTORS = (0.5, 1.0, 2.0)  # times the short pilots' estimate, trained as long as the run
 MEASURE_SEED = 1_000_003  # the L0 sample is drawn with its own seed, not the training order
 MEASURE_ROWS = 8192
+MIN_L0 = 1e-2  # a pilot with no active feature counts as this L0 in the log-log interpolation
+COARSE_BRACKET = 4.0  # a full-length bracketing pair whose L0s differ by more than this gets a finer round
 
 
 @dataclasses.dataclass
@@ -55,18 +60,22 @@ class Calibration:
     chosen: float
     pilot_tokens: int
     trials: list[tuple[float, float]]  # (coefficient, measured pilot L0), in the order trained
+    # (coefficient, measured L0) of pilots as long as the run itself; the choice interpolates these when present
+    full_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def record(self) -> dict:
         """The JSON form kept in cfg.json extra.calibration."""
         return {"target_l0": self.target_l0, "setting": self.setting, "chosen": self.chosen,
-                "pilot_tokens": self.pilot_tokens, "trials": [[value, l0_] for value, l0_ in self.trials]}
+                "pilot_tokens": self.pilot_tokens, "trials": [[value, l0_] for value, l0_ in self.trials],
+                "full_length_trials": [[value, l0_] for value, l0_ in self.full_trials]}
 
     def describe(self) -> str:
         if not self.trials:
             return f"{self.hook}: {self.setting} {self.chosen:g} for target L0 {self.target_l0:g} (exact by construction)"
         tried = ", ".join(f"{value:.3g} -> L0 {measured:.1f}" for value, measured in self.trials)
+        full = ", ".join(f"{value:.3g} -> L0 {measured:.1f}" for value, measured in self.full_trials)
         return (f"{self.hook}: {self.setting} {self.chosen:.4g} for target L0 {self.target_l0:g} "
-                f"(pilots on {self.pilot_tokens:,} tokens: {tried})")
+                f"(pilots on {self.pilot_tokens:,} tokens: {tried}" + (f"; as long as the run: {full})" if full else ")"))
 
 
 def default_pilot_tokens(total_tokens: int) -> int:
@@ -102,7 +111,7 @@ def measurement_rows(source: BatchSource, hook: str, batch_size: int) -> torch.T
 def interpolate_setting(trials: list[tuple[float, float]], target_l0: float) -> float | None:
     """The coefficient at which log L0 reaches log target, linear in log coefficient between the closest
     bracketing pair of trials (L0 falls as the coefficient grows); None when no pair brackets the target."""
-    points = sorted((value, measured) for value, measured in trials if value > 0 and measured > 0)
+    points = sorted((value, max(measured, MIN_L0)) for value, measured in trials if value > 0)
     best = None
     for (low, l0_low), (high, l0_high) in zip(points, points[1:]):
         if not (l0_low >= target_l0 >= l0_high) or l0_low == l0_high:
@@ -117,7 +126,8 @@ def interpolate_setting(trials: list[tuple[float, float]], target_l0: float) -> 
 
 def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: TrainingConfig, target_l0: float,
                        scratch_dir: str | Path, *, pilot_tokens: int | None = None, progress: bool = True,
-                       device: str | torch.device = "cpu", max_rounds: int = 4) -> Calibration:
+                       device: str | torch.device = "cpu", max_rounds: int = 4, full_length: bool = True
+                       ) -> Calibration:
     """Find the sparsity setting of `config`'s architecture that gives L0 `target_l0` at its hook."""
     from sae.training.loop import train_dictionaries  # the loop imports nothing from here
 
@@ -143,23 +153,58 @@ def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: 
         for value, result in zip(values, results):
             trials.append((float(value), measured_l0(result.dictionary, rows)))
 
+    full_trials: list[tuple[float, float]] = []
+    full = dataclasses.replace(training, checkpoint_every=None, target_l0=None)
+
+    def run_full_round(index: int, values: list[float]) -> None:
+        configs = [dataclasses.replace(config, l1_coefficient=float(value), extra={}) for value in values]
+        names = [f"full_{position}" for position in range(len(configs))]
+        folder = scratch / f"full_round_{index}"
+        shutil.rmtree(folder, ignore_errors=True)
+        results = train_dictionaries(source, configs, full, folder, names=names, progress=progress, device=device)
+        for value, result in zip(values, results):
+            full_trials.append((float(value), measured_l0(result.dictionary, rows)))
+
     try:
         run_round(0, [start * factor for factor in FIRST_ROUND_FACTORS])
         for index in range(1, max_rounds):
             estimate = interpolate_setting(trials, target_l0)
             if estimate is None:  # every trial on one side: move past the extreme trial
-                values = [value for value, _ in trials]
-                too_dense = all(measured > target_l0 for _, measured in trials)
-                extreme = max(values) if too_dense else min(values)
-                run_round(index, [extreme * (9.0 if too_dense else 1 / 9) * factor for factor in (1 / 3, 1.0, 3.0)])
+                run_round(index, beyond_extreme(trials, target_l0, step=9.0))
                 continue
             run_round(index, [estimate * factor for factor in SECOND_ROUND_FACTORS])
             break
+        estimate = interpolate_setting(trials, target_l0)
+        if estimate is not None and full_length and pilot.total_steps < training.total_steps:
+            run_full_round(0, [estimate * factor for factor in FULL_ROUND_FACTORS])
+            if interpolate_setting(full_trials, target_l0) is None:
+                run_full_round(1, beyond_extreme(full_trials, target_l0, step=4.0))
+            elif bracket_ratio(full_trials, target_l0) > COARSE_BRACKET:  # a cliff (L0 collapsing): look closer
+                finer = interpolate_setting(full_trials, target_l0)
+                run_full_round(1, [finer * factor for factor in SECOND_ROUND_FACTORS])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    chosen = interpolate_setting(trials, target_l0)
+    chosen = interpolate_setting(full_trials or trials, target_l0)
     if chosen is None:
-        value, measured = min(trials, key=lambda trial: abs(math.log(trial[1] / target_l0)) if trial[1] > 0 else math.inf)
+        tried = full_trials or trials
+        value, measured = min(tried, key=lambda trial: abs(math.log(trial[1] / target_l0)) if trial[1] > 0 else math.inf)
         raise ValueError(f"could not reach L0 {target_l0:g} at '{hook}': the closest pilot ({setting} {value:.3g}) gave "
-                         f"L0 {measured:.1f}; trials: {trials}")
-    return Calibration(hook, config.architecture, target_l0, setting, chosen, pilot.total_tokens, trials)
+                         f"L0 {measured:.1f}; trials: {trials}; full-length trials: {full_trials}")
+    return Calibration(hook, config.architecture, target_l0, setting, chosen, pilot.total_tokens, trials, full_trials)
+
+
+def bracket_ratio(trials: list[tuple[float, float]], target_l0: float) -> float:
+    """L0 ratio of the closest pair of neighbouring trials that brackets the target (inf: none does)."""
+    points = sorted((value, max(measured, MIN_L0)) for value, measured in trials if value > 0)
+    ratios = [low_l0 / high_l0 for (_, low_l0), (_, high_l0) in zip(points, points[1:])
+              if low_l0 >= target_l0 >= high_l0 and high_l0 > 0]
+    return min(ratios, default=math.inf)
+
+
+def beyond_extreme(trials: list[tuple[float, float]], target_l0: float, *, step: float) -> list[float]:
+    """Three coefficients past the extreme trial when every trial is on one side of the target."""
+    values = [value for value, _ in trials]
+    too_dense = all(measured > target_l0 for _, measured in trials)
+    extreme = max(values) if too_dense else min(values)
+    centre = extreme * (step if too_dense else 1 / step)
+    return [centre * factor for factor in (1 / math.sqrt(step), 1.0, math.sqrt(step))]

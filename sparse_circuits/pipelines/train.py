@@ -161,7 +161,7 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
         seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
         resample_dead=request.resample_dead, resample_every=request.resample_every,
         lr_warmup_steps=min(100, max(1, int(0.05 * request.epochs * store.n_tokens / request.batch_size))),
-        dead_window_tokens=min(10_000_000, store.n_tokens), target_l0=request.target_l0,
+        dead_window_tokens=min(10_000_000, store.n_tokens),
     )
     if training.total_tokens < request.batch_size:
         raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "
@@ -192,7 +192,8 @@ def calibrated_configs(store, configs: list[DictionaryConfig], training: Trainin
         config = next(config for config in configs if config.hook_name == hook)
         key = json.dumps({"hook": hook, "architecture": config.architecture, "d_sae": config.d_sae, "tied": config.tied,
                           "seed": config.seed, "target_l0": request.target_l0, "pilot_tokens": pilot_tokens,
-                          "total_tokens": training.total_tokens, "batch_size": training.batch_size, "lr": training.lr},
+                          "total_tokens": training.total_tokens, "batch_size": training.batch_size, "lr": training.lr,
+                          "method": "short and full-length pilots"},
                          sort_keys=True)
         record = kept.get(key)
         if record is None:
