@@ -99,6 +99,7 @@ ERASE = ["erase", "--model", "{model}", "--sae", "{sae}", "--out", "{tmp}/out", 
 EVALUATE = ["evaluate", "--model", "{model}", "--corpus", "{tmp}/corpus.txt"]
 TRACE = ["trace", "--model", "{model}", "--saes", "{sae}", "--out", "{tmp}/graph.json"]
 EXPORT = ["export", "{tmp}/graph.json"]
+DASHBOARD = ["dashboard", "--model", "{model}", "--corpus", "{tmp}/corpus.txt", "--tokens", "200", "--context-size", "16"]
 
 CASES = [
     # --- paths
@@ -226,6 +227,16 @@ CASES = [
     # --- hooks
     Case("train --hook empty", ["train", "--model", "{model}", "--hook", "", "--out", "{tmp}/out", "--corpus",
                                 "{tmp}/corpus.txt"], "a hook name must be a non-empty string", files=TEXT),
+    # --- dashboards
+    Case("dashboard --features not a range", DASHBOARD + ["--sae", "{sae}", "--features", "5-x", "--out", "{tmp}/site"],
+         "is not an index or a range", files=TEXT),
+    Case("dashboard --baseline without --hook", DASHBOARD + ["--baseline", "pca", "--out", "{tmp}/site"],
+         "needs --hook", files=TEXT),
+    Case("dashboard --out is an existing file", DASHBOARD + ["--sae", "{sae}", "--out", "{tmp}/corpus.txt"],
+         "is an existing file", files=TEXT),
+    Case("dashboard --features index out of range", DASHBOARD + ["--sae", "{sae}", "--features", "0-5000",
+                                                               "--out", "{tmp}/site"],
+         "out of range", files=TEXT, loads_model=True),
 ]
 
 
