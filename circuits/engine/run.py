@@ -62,15 +62,13 @@ def run_with_edits(model, tokens: torch.Tensor, edits: Mapping[str, HookEdit] | 
     fwd_hooks = [(name, _hook_function(name, edits.get(name), name in leaves, name in record, recorded,
                                        leaf_tensors)) for name in names]
     fwd_hooks += [(name, _detach) for name in detach]
-    device = next(model.parameters()).device
-    if final_residual:
-        fwd_hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", _stop_with_residual))
+    tokens = tokens.to(next(model.parameters()).device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*hook_scale.*")  # the bridge notes edited norm hooks
-        try:
-            output = model.run_with_hooks(tokens.to(device), fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
-        except _FinalResidual as captured:
-            output = captured.residual
+        if final_residual:
+            output = _final_residual(model, tokens, fwd_hooks)
+        else:
+            output = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
     _check_finite_output(output, edits)
     return EngineRun(output, recorded, leaf_tensors)
 
@@ -97,6 +95,16 @@ def _stop_with_residual(activation: torch.Tensor, hook=None):
     raise _FinalResidual(activation)
 
 
+def _final_residual(model, tokens: torch.Tensor, fwd_hooks: Iterable) -> torch.Tensor:
+    """The residual [rows, pos, d_model] after the last block of a forward with `fwd_hooks`, stopping there."""
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (last, _stop_with_residual)])
+    except _FinalResidual as captured:
+        return captured.residual
+    raise RuntimeError(f"the forward did not reach '{last}'")  # pragma: no cover - every bridge model has it
+
+
 def unembed_positions(model, residual: torch.Tensor, begin: int, end: int) -> torch.Tensor:
     """Logits [rows, end - begin, vocab] of positions begin..end-1 of a final residual [rows, pos, d_model]."""
     return model.unembed(model.ln_final(residual[:, begin:end]))
@@ -109,13 +117,7 @@ def final_position_logits(model, tokens: torch.Tensor, final: torch.Tensor,
     The forward stops after the last block and only the final positions are normed and unembedded, so
     memory does not grow with positions x vocabulary (a 262k-token vocabulary makes full logits of 16
     prompts x 20 positions 0.3 GB)."""
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (last, _stop_with_residual)])
-    except _FinalResidual as captured:
-        residual = captured.residual
-    else:  # pragma: no cover - every model the bridge loads has the hook
-        raise RuntimeError(f"the forward did not reach '{last}'")
+    residual = _final_residual(model, tokens, fwd_hooks)
     rows = torch.arange(residual.shape[0], device=residual.device)
     picked = residual[rows, final.to(residual.device)][:, None]  # [rows, 1, d]
     return model.unembed(model.ln_final(picked))[:, 0]

@@ -108,10 +108,15 @@ def measurement_rows(source: BatchSource, hook: str, batch_size: int) -> torch.T
     return torch.cat(parts)
 
 
+def _log_points(trials: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Trials sorted by coefficient, positive coefficients only, L0 floored at MIN_L0 (so logs exist)."""
+    return sorted((value, max(measured, MIN_L0)) for value, measured in trials if value > 0)
+
+
 def interpolate_setting(trials: list[tuple[float, float]], target_l0: float) -> float | None:
     """The coefficient at which log L0 reaches log target, linear in log coefficient between the closest
     bracketing pair of trials (L0 falls as the coefficient grows); None when no pair brackets the target."""
-    points = sorted((value, max(measured, MIN_L0)) for value, measured in trials if value > 0)
+    points = _log_points(trials)
     best = None
     for (low, l0_low), (high, l0_high) in zip(points, points[1:]):
         if not (l0_low >= target_l0 >= l0_high) or l0_low == l0_high:
@@ -144,26 +149,24 @@ def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: 
     scratch = Path(scratch_dir)
     trials: list[tuple[float, float]] = []
 
-    def run_round(index: int, values: list[float]) -> None:
-        configs = [dataclasses.replace(config, l1_coefficient=float(value), extra={}) for value in values]
-        names = [f"pilot_{position}" for position in range(len(configs))]
-        folder = scratch / f"round_{index}"
-        shutil.rmtree(folder, ignore_errors=True)
-        results = train_dictionaries(source, configs, pilot, folder, names=names, progress=progress, device=device)
-        for value, result in zip(values, results):
-            trials.append((float(value), measured_l0(result.dictionary, rows)))
-
     full_trials: list[tuple[float, float]] = []
     full = dataclasses.replace(training, checkpoint_every=None, target_l0=None)
 
-    def run_full_round(index: int, values: list[float]) -> None:
+    def train_round(schedule: TrainingConfig, folder_name: str, values: list[float],
+                    into: list[tuple[float, float]]) -> None:
+        """Train one pilot per coefficient side by side on `schedule`; append (coefficient, L0) to `into`."""
         configs = [dataclasses.replace(config, l1_coefficient=float(value), extra={}) for value in values]
-        names = [f"full_{position}" for position in range(len(configs))]
-        folder = scratch / f"full_round_{index}"
+        names = [f"pilot_{position}" for position in range(len(configs))]
+        folder = scratch / folder_name
         shutil.rmtree(folder, ignore_errors=True)
-        results = train_dictionaries(source, configs, full, folder, names=names, progress=progress, device=device)
-        for value, result in zip(values, results):
-            full_trials.append((float(value), measured_l0(result.dictionary, rows)))
+        results = train_dictionaries(source, configs, schedule, folder, names=names, progress=progress, device=device)
+        into.extend((float(value), measured_l0(result.dictionary, rows)) for value, result in zip(values, results))
+
+    def run_round(index: int, values: list[float]) -> None:
+        train_round(pilot, f"round_{index}", values, trials)
+
+    def run_full_round(index: int, values: list[float]) -> None:
+        train_round(full, f"full_round_{index}", values, full_trials)
 
     try:
         run_round(0, [start * factor for factor in FIRST_ROUND_FACTORS])
@@ -177,10 +180,10 @@ def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: 
         estimate = interpolate_setting(trials, target_l0)
         if estimate is not None and full_length and pilot.total_steps < training.total_steps:
             run_full_round(0, [estimate * factor for factor in FULL_ROUND_FACTORS])
-            if interpolate_setting(full_trials, target_l0) is None:
+            finer = interpolate_setting(full_trials, target_l0)
+            if finer is None:
                 run_full_round(1, beyond_extreme(full_trials, target_l0, step=4.0))
             elif bracket_ratio(full_trials, target_l0) > COARSE_BRACKET:  # a cliff (L0 collapsing): look closer
-                finer = interpolate_setting(full_trials, target_l0)
                 run_full_round(1, [finer * factor for factor in SECOND_ROUND_FACTORS])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -195,7 +198,7 @@ def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: 
 
 def bracket_ratio(trials: list[tuple[float, float]], target_l0: float) -> float:
     """L0 ratio of the closest pair of neighbouring trials that brackets the target (inf: none does)."""
-    points = sorted((value, max(measured, MIN_L0)) for value, measured in trials if value > 0)
+    points = _log_points(trials)
     ratios = [low_l0 / high_l0 for (_, low_l0), (_, high_l0) in zip(points, points[1:])
               if low_l0 >= target_l0 >= high_l0 and high_l0 > 0]
     return min(ratios, default=math.inf)
