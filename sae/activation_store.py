@@ -5,10 +5,16 @@ Shards are safetensors files `shard_NNNNN.safetensors` holding `{hook: [tokens, 
 records the model, hooks, widths, dtype, and which contexts each shard holds. A shard is written
 under a temporary name and renamed, then the manifest is rewritten the same way, so a kill or a full
 disk leaves the store at its last complete shard; harvesting again with the same settings resumes.
+
+Shard N always holds contexts [N c, (N+1) c) (c contexts per shard), whoever wrote it: the processes of a
+data-parallel harvest write disjoint shards into one store, each recording its shards in the one manifest
+under an exclusive lock (`.manifest.lock`), so the store is the same whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -20,6 +26,7 @@ from safetensors.torch import save_file
 
 from sae.assets import atomic_write_text
 from sae.batches import epoch_permutation
+from sae.distributed import share_rows
 from sae.finite import check_finite_rows
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -48,18 +55,35 @@ class StoreWriter:
         at these hooks and maybe more (a store harvested for several hooks serves any of them)."""
         return _complete_superset(self.out_dir, self.settings, self.n_contexts, self.metadata)
 
-    def start(self) -> int:
-        """Open (or resume) the store; returns how many contexts are already harvested."""
-        self.manifest = _load_or_start_manifest(self.out_dir, self.settings, self.n_contexts, self.metadata)
-        return sum(shard["n_contexts"] for shard in self.manifest["shards"])
+    def start(self, *, first_writer: bool = True) -> set[int]:
+        """Open (or resume) the store; returns the first contexts of the shards already harvested.
 
-    def write(self, shard: dict[str, torch.Tensor], first_context: int, n_contexts: int) -> None:
-        """Write one shard {hook: [tokens, d]} atomically, then the manifest."""
-        _write_shard(self.out_dir, self.manifest, shard, first_context, n_contexts)
+        The first writer (the only one, or rank 0 of a data-parallel harvest, before the others) checks an
+        existing manifest against the request, removes half-written shards and writes the manifest; the
+        others read it."""
+        with _manifest_lock(self.out_dir):
+            if first_writer:
+                self.manifest = _load_or_start_manifest(self.out_dir, self.settings, self.n_contexts, self.metadata)
+                atomic_write_text(self.out_dir / MANIFEST, json.dumps(self.manifest, indent=2))
+            else:
+                self.manifest = json.loads((self.out_dir / MANIFEST).read_text())
+        return {int(shard["first_context"]) for shard in self.manifest["shards"]}
+
+    def write(self, shard: dict[str, torch.Tensor], first_context: int, n_contexts: int, index: int | None = None) -> None:
+        """Write shard number `index` {hook: [tokens, d]} atomically, then record it in the manifest."""
+        self.manifest = _write_shard(self.out_dir, shard, first_context, n_contexts, index)
 
     def finish(self) -> "ActivationStore":
-        self.manifest["complete"] = True
-        atomic_write_text(self.out_dir / MANIFEST, json.dumps(self.manifest, indent=2))
+        """Mark the store complete (StoreError if some contexts were never harvested)."""
+        with _manifest_lock(self.out_dir):
+            manifest = json.loads((self.out_dir / MANIFEST).read_text())
+            harvested = sum(shard["n_contexts"] for shard in manifest["shards"])
+            if harvested != self.n_contexts:
+                raise StoreError(f"{self.out_dir} holds {harvested} of {self.n_contexts} contexts after the harvest; "
+                                 "harvest again with the same command to fill in the rest")
+            manifest["complete"] = True
+            atomic_write_text(self.out_dir / MANIFEST, json.dumps(manifest, indent=2))
+        self.manifest = manifest
         return ActivationStore(self.out_dir)
 
 
@@ -116,16 +140,35 @@ def _load_or_start_manifest(out_dir: Path, settings: dict, n_contexts: int, meta
             "metadata": metadata or {}}
 
 
-def _write_shard(out_dir: Path, manifest: dict, shard: dict[str, torch.Tensor], first_context: int, n_contexts: int) -> None:
-    name = f"shard_{len(manifest['shards']):05d}.safetensors"
+@contextlib.contextmanager
+def _manifest_lock(out_dir: Path):
+    """An exclusive lock on the store's manifest, held while it is read and rewritten."""
+    with open(out_dir / ".manifest.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_shard(out_dir: Path, shard: dict[str, torch.Tensor], first_context: int, n_contexts: int,
+                 index: int | None) -> dict:
+    """Write a shard file, then add it to the manifest on disk (kept in context order); returns the manifest."""
+    with _manifest_lock(out_dir):
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    name = f"shard_{len(manifest['shards']) if index is None else index:05d}.safetensors"
     temp = out_dir / f".{name}.tmp"
     save_file(shard, str(temp))
     os.replace(temp, out_dir / name)
-    manifest["d_in"] = {hook: int(value.shape[1]) for hook, value in shard.items()}
     n_tokens = int(next(iter(shard.values())).shape[0])
-    manifest["shards"].append({"file": name, "n_tokens": n_tokens, "first_context": first_context,
-                               "n_contexts": n_contexts})
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    with _manifest_lock(out_dir):
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        manifest["d_in"] = {hook: int(value.shape[1]) for hook, value in shard.items()}
+        manifest["shards"] = sorted([*[entry for entry in manifest["shards"] if entry["file"] != name],
+                                     {"file": name, "n_tokens": n_tokens, "first_context": first_context,
+                                      "n_contexts": n_contexts}], key=lambda entry: entry["first_context"])
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
 
 
 class ActivationStore:
@@ -172,9 +215,12 @@ class ActivationStore:
         tokens_per_shard = max(shard["n_tokens"] for shard in self.shards)
         return max(1, min(len(self.shards), self.memory_budget_bytes // max(1, bytes_per_token * tokens_per_shard)))
 
-    def batches(self, hooks: list[str], batch_size: int, seed: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, hooks: list[str], batch_size: int, seed: int, start_batch: int = 0,
+                part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
         """Endless fp32 batches; each epoch shuffles shard order, then tokens within blocks of shards
-        that fit the memory budget (the whole store when it fits: a full shuffle). Deterministic."""
+        that fit the memory budget (the whole store when it fits: a full shuffle). Deterministic.
+        `part`: this process's share of each batch (sae.batches.BatchSource)."""
+        share = share_rows(batch_size, part)
         for hook in hooks:
             self.d_in(hook)
         per_block = self._shards_per_block(hooks)
@@ -193,7 +239,7 @@ class ActivationStore:
                     parts = [self.read_shard(index, hooks) for index in shard_ids]
                     cached = (shard_ids, {hook: torch.cat([part[hook] for part in parts]) for hook in hooks})
                 for rows in batch_rows[skip:]:
-                    yield {hook: cached[1][hook][rows].float() for hook in hooks}
+                    yield {hook: cached[1][hook][rows[share]].float() for hook in hooks}
                 skip = 0
             epoch += 1
 

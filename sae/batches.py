@@ -12,6 +12,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+from sae.distributed import share_rows
+
 
 class BatchSource(Protocol):
     hooks: list[str]
@@ -22,9 +24,12 @@ class BatchSource(Protocol):
     def d_in(self, hook: str) -> int: ...
 
     def batches(
-        self, hooks: list[str], batch_size: int, seed: int, start_batch: int = 0
+        self, hooks: list[str], batch_size: int, seed: int, start_batch: int = 0, part: tuple[int, int] = (0, 1)
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless fp32 batches {hook: [batch_size, d_in]}, epoch after epoch, reshuffled per epoch."""
+        """Endless fp32 batches {hook: [batch_size, d_in]}, epoch after epoch, reshuffled per epoch.
+
+        part=(rank, world_size): this process's share of each batch, rows [rank B/W, (rank+1) B/W) of it
+        (sae.distributed.share_rows), for data-parallel training."""
         ...
 
 
@@ -52,8 +57,9 @@ class TensorBatchSource:
         return self.activations[hook].shape[1]
 
     def batches(
-        self, hooks: list[str], batch_size: int, seed: int, start_batch: int = 0
+        self, hooks: list[str], batch_size: int, seed: int, start_batch: int = 0, part: tuple[int, int] = (0, 1)
     ) -> Iterator[dict[str, torch.Tensor]]:
+        share = share_rows(batch_size, part)
         per_epoch = self.n_tokens // batch_size
         if per_epoch == 0:
             raise ValueError(f"batch size {batch_size} is larger than the {self.n_tokens} tokens available")
@@ -62,6 +68,6 @@ class TensorBatchSource:
             epoch, within = divmod(batch, per_epoch)
             order = epoch_permutation(self.n_tokens, seed, epoch)
             for position in range(within, per_epoch):
-                rows = order[position * batch_size : (position + 1) * batch_size]
+                rows = order[position * batch_size : (position + 1) * batch_size][share]
                 yield {hook: self.activations[hook][rows].float() for hook in hooks}
                 batch += 1

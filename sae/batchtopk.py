@@ -12,20 +12,30 @@ encodes identically.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from sae.config import DictionaryConfig
 from sae.dictionary import SparseAutoencoder, TrainingLoss, TrainingState
+from sae.distributed import Distributed
 from sae.topk import check_k, with_aux_k
 
 
-def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
-    """[batch, d_sae] -> the same shape keeping the int(k * batch) largest ReLU'd entries of the batch."""
+def batch_topk(pre: torch.Tensor, k: float, distributed: Distributed | None = None) -> torch.Tensor:
+    """[batch, d_sae] -> the same shape keeping the int(k * batch) largest ReLU'd entries of the batch.
+
+    In a data-parallel run `pre` is one rank's share and the batch is every rank's: each rank offers its own
+    largest entries, and all keep what reaches the whole batch's int(k * batch)-th largest value."""
     flat = torch.relu(pre).flatten()
-    top = flat.topk(int(k * pre.shape[0]), sorted=False)
-    return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(pre.shape)
+    if distributed is None or not distributed.active:
+        top = flat.topk(int(k * pre.shape[0]), sorted=False)
+        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(pre.shape)
+    keep = int(k * distributed.total(pre.shape[0]))
+    offered = distributed.gather_rows(flat.detach().topk(min(keep, flat.numel()), sorted=False).values)
+    threshold = offered.topk(keep, sorted=False).values.min()
+    return (flat * (flat >= threshold)).reshape(pre.shape)
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -44,17 +54,20 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         pre = self.pre_activations(x)
-        codes = batch_topk(pre, self.cfg.k)
+        codes = batch_topk(pre, self.cfg.k, state.distributed)
         residual, mse = self.reconstruction_terms(x, codes)
-        self._update_threshold(codes.detach())
+        self._update_threshold(codes.detach(), state.distributed)
         return TrainingLoss(with_aux_k(self, pre, mse, residual, state), mse, codes, residual)
 
     @torch.no_grad()
-    def _update_threshold(self, codes: torch.Tensor) -> None:
+    def _update_threshold(self, codes: torch.Tensor, distributed: Distributed | None = None) -> None:
         positive = codes[codes > 0]
-        if positive.numel():
+        smallest = positive.min().double() if positive.numel() else torch.tensor(math.inf, dtype=torch.float64)
+        if distributed is not None:  # the smallest over the whole batch
+            smallest = distributed.min_(smallest.reshape(1))[0]
+        if math.isfinite(float(smallest)):
             rate = float(self.cfg.extra.get("topk_threshold_lr", 0.01))
-            self.threshold.copy_((1 - rate) * self.threshold + rate * positive.min().double())
+            self.threshold.copy_((1 - rate) * self.threshold + rate * smallest)
 
     @classmethod
     def describe(cls, cfg: DictionaryConfig) -> str:

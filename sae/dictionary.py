@@ -14,13 +14,14 @@ registered by name in sae/registry.py. The training loop, io and tracing only ca
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from sae.config import DictionaryConfig
+from sae.distributed import Distributed
 
 
 class DictionaryOutput(NamedTuple):
@@ -39,6 +40,12 @@ class TrainingState:
     # [d_sae] decoder row norms (with gradient) when the rows are free (TrainingConfig.unit_norm_decoder False):
     # the loss then measures each code times its row's norm (SAELens' recipe); None: rows are held at norm 1.
     decoder_norms: torch.Tensor | None = None
+    # Data-parallel training (sae/distributed.py): this process's share of the batch's rows, and the process
+    # group. The loop weights the loss by batch_share before summing gradients over ranks, so a loss that is a
+    # mean over rows needs nothing; a batch-level statistic (BatchTopK's selection, AuxK's normaliser) is taken
+    # over the whole batch through `distributed`.
+    batch_share: float = 1.0
+    distributed: Distributed = field(default_factory=Distributed)
 
 
 @dataclass

@@ -21,8 +21,10 @@ def l0(codes: torch.Tensor) -> torch.Tensor:
 OUTLIER_NORM_FACTOR = 10.0
 
 
-def typical_token_mask(x: torch.Tensor, factor: float = OUTLIER_NORM_FACTOR) -> torch.Tensor:
-    """[tokens] bool: tokens whose norm is at most `factor` x the median norm of x [tokens, d].
+def typical_token_mask(x: torch.Tensor, factor: float = OUTLIER_NORM_FACTOR,
+                       reference_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """[tokens] bool: tokens whose norm is at most `factor` x the median norm of x [tokens, d] (or the median
+    of `reference_norms`, e.g. the norms of a whole batch of which x is one process's share).
 
     The others are massive activations (attention sinks: norm ~25,000 against ~150 in SmolLM2), a few
     in ten thousand tokens that would otherwise dominate every variance-based metric. A row holding NaN or
@@ -32,7 +34,8 @@ def typical_token_mask(x: torch.Tensor, factor: float = OUTLIER_NORM_FACTOR) -> 
         bad = int((~torch.isfinite(norms)).sum().item())
         raise NonFiniteError(f"{bad} of {norms.numel()} activation rows hold NaN or infinite values (or overflow "
                              "when squared); check where these activations came from")
-    return norms <= factor * norms.median()
+    median = (reference_norms if reference_norms is not None else norms).median()
+    return norms <= factor * median
 
 
 def outlier_positions(activation: torch.Tensor, factor: float | None = OUTLIER_NORM_FACTOR,

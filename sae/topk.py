@@ -16,6 +16,7 @@ import torch
 
 from sae.config import DictionaryConfig
 from sae.dictionary import SparseAutoencoder, TrainingLoss, TrainingState
+from sae.distributed import Distributed
 from sae.relu import ReluSAE
 
 
@@ -25,7 +26,7 @@ def check_k(cfg: DictionaryConfig, architecture: str = "TopK") -> None:
 
 
 def aux_k_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
-               decoder_norms: torch.Tensor | None = None) -> torch.Tensor:
+               decoder_norms: torch.Tensor | None = None, distributed: Distributed | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): how well the top dead latents reconstruct the residual, normalised.
 
     pre [batch, d_sae] pre-activations (times the decoder row norms when those are free); residual
@@ -38,8 +39,18 @@ def aux_k_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor
     if decoder_norms is not None:
         codes = codes / decoder_norms
     residual_hat = codes @ sae.W_dec
-    total = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-    return (residual_hat - residual).pow(2).sum() / total
+    return (residual_hat - residual).pow(2).sum() / _residual_spread(residual, distributed).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _residual_spread(residual: torch.Tensor, distributed: Distributed | None) -> torch.Tensor:
+    """sum ||e - mean(e)||^2 over the batch; in a data-parallel run over the whole batch (every rank's share)."""
+    if distributed is None or not distributed.active:
+        return (residual - residual.mean(dim=0)).pow(2).sum()
+    count = distributed.total(residual.shape[0])
+    total = distributed.sum_(residual.sum(dim=0).double())
+    squares = distributed.sum_(residual.double().pow(2).sum())
+    return (squares - total.pow(2).sum() / count).to(residual.dtype)
 
 
 def with_aux_k(sae: SparseAutoencoder, pre: torch.Tensor, mse: torch.Tensor, residual: torch.Tensor,
@@ -47,8 +58,9 @@ def with_aux_k(sae: SparseAutoencoder, pre: torch.Tensor, mse: torch.Tensor, res
     """mse, plus aux_k_coefficient * AuxK while some latents are dead."""
     loss = mse
     if state.aux_k_coefficient > 0 and bool(state.dead.any()):
-        loss = loss + state.aux_k_coefficient * aux_k_loss(sae, pre, residual.detach(), state.dead,
-                                                           state.decoder_norms)
+        # AuxK is already this rank's part of the whole batch's ratio: undo the loop's weighting by batch_share
+        aux = aux_k_loss(sae, pre, residual.detach(), state.dead, state.decoder_norms, state.distributed)
+        loss = loss + state.aux_k_coefficient * aux / max(state.batch_share, 1e-12)
     return loss
 
 

@@ -63,7 +63,7 @@ def _checkpoint_state(trainee: Trainee) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(out_dir: Path, step: int, scales: dict[str, float], trainees: list[Trainee],
-                     fingerprint: dict[str, Any], *, batch_size: int) -> Path:
+                     fingerprint: dict[str, Any], *, batch_size: int, world_size: int = 1) -> Path:
     """Write `out_dir/checkpoints/step_N/` via a temporary folder and a rename; keep the last two."""
     root = out_dir / CHECKPOINT_FOLDER
     root.mkdir(parents=True, exist_ok=True)
@@ -75,6 +75,7 @@ def write_checkpoint(out_dir: Path, step: int, scales: dict[str, float], trainee
         for trainee in trainees:
             dictionary_io.write_tensor_file(_checkpoint_state(trainee), temporary / f"{trainee.name}.safetensors")
         state = {"step": step, "tokens": step * batch_size, "scales": scales, "fingerprint": fingerprint,
+                 "world_size": world_size,
                  "log_rows": {trainee.name: trainee.log_rows for trainee in trainees},
                  "log_sparsity_factors": {trainee.name: trainee.log_sparsity_factor for trainee in trainees}}
         atomic_write_text(temporary / "state.json", json.dumps(state, indent=1))
@@ -109,10 +110,18 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def restore_checkpoint(folder: Path, trainees: list[Trainee], fingerprint: dict[str, Any]
-                        ) -> tuple[int, dict[str, float]]:
-    """Load parameters, Adam state, counters and logs into the trainees; returns (step, scales)."""
+def restore_checkpoint(folder: Path, trainees: list[Trainee], fingerprint: dict[str, Any], *, world_size: int = 1
+                       ) -> tuple[int, dict[str, float]]:
+    """Load parameters, Adam state, counters and logs into the trainees; returns (step, scales).
+
+    A run resumes at the number of processes that wrote the checkpoint (another count would sum the
+    gradients in another order, so the resumed run would not be the one that was interrupted)."""
     state = json.loads((folder / "state.json").read_text())
+    written_by = int(state.get("world_size", 1))
+    if written_by != world_size:
+        raise ValueError(f"{folder} was written by a run of {written_by} process(es) and this run has {world_size}; "
+                         f"resume it with torchrun --nproc_per_node={written_by} (or {written_by} process(es) in "
+                         "all), or use another output folder to start a new run")
     if state["fingerprint"] != fingerprint:
         differing = sorted(key for key in fingerprint if state["fingerprint"].get(key) != fingerprint[key])
         raise ValueError(f"{folder.parent} holds checkpoints of a different run (differs in: {differing}); "

@@ -50,7 +50,7 @@ from sae import io as dictionary_io
 from sae.batches import BatchSource
 from sae.config import DictionaryConfig
 from sae.dictionary import Dictionary, TrainingLoss, TrainingState
-from sae.finite import NonFiniteError, check_finite_rows
+from sae.distributed import Distributed
 from sae.metrics import fraction_unexplained, l0, typical_token_mask
 from sae.progress import progress_bar
 from sae.registry import architecture_class, build_dictionary, is_trainable
@@ -59,6 +59,8 @@ from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpo
                                       restore_checkpoint, run_fingerprint, write_checkpoint)
 from sae.training.config import TrainingConfig
 from sae.training.control import controlled_coefficient, next_log_factor, steers
+from sae.training.guards import check_finite_step, next_batch, stopped_on_nonfinite
+from sae.training import parallel
 from sae.training.initialisation import initial_decoder_bias, scale_initial_rows_
 from sae.training.resampling import resample_dead_features, resampling_generator
 
@@ -174,19 +176,24 @@ def normalize_decoder_rows(decoder: torch.Tensor) -> None:
     decoder.div_(decoder.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: TrainingConfig) -> TrainingLoss:
+def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: TrainingConfig,
+                   distributed: Distributed, rows: int) -> TrainingLoss:
+    """One optimizer step on x, this rank's share of a batch of `rows` rows (all of it in a single process)."""
     sae = trainee.sae
     unit = not free_rows(training, sae)
+    share = x.shape[0] / rows
     state = TrainingState(step=step, sparsity_ramp=training.sparsity_ramp(step) * math.exp(trainee.log_sparsity_factor),
                           dead=trainee.tokens_since_fired >= training.dead_window_tokens,
                           aux_k_coefficient=training.aux_k_coefficient,
-                          decoder_norms=None if unit else sae.W_dec.norm(dim=1))
+                          decoder_norms=None if unit else sae.W_dec.norm(dim=1), batch_share=share,
+                          distributed=distributed)
     out = sae.training_loss(x, state)
     lr = training.learning_rate(step)
     for group in trainee.optimizer.param_groups:
         group["lr"] = lr
     trainee.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    (out.loss * share if distributed.active else out.loss).backward()
+    distributed.sum_gradients_(sae.parameters())  # the whole batch's gradient on every rank
     if unit:
         remove_parallel_decoder_gradient(sae.W_dec)
     if training.grad_clip_norm is not None:
@@ -196,11 +203,12 @@ def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: Train
         normalize_decoder_rows(sae.W_dec)
 
     with torch.no_grad():
-        trainee.tokens_since_fired += x.shape[0]
-        trainee.tokens_since_fired.masked_fill_((out.codes != 0).any(dim=0), 0)
+        trainee.tokens_since_fired += rows
+        trainee.tokens_since_fired.masked_fill_(parallel.fired_features(out.codes, distributed), 0)
         if steers(sae.sparsity_setting, training.target_l0) and training.l0_control_active(step):
             trainee.log_sparsity_factor = next_log_factor(
-                trainee.log_sparsity_factor, float(l0(out.codes).mean()), training.target_l0,
+                trainee.log_sparsity_factor, float(parallel.mean_over_batch(l0(out.codes), share, distributed)),
+                training.target_l0,
                 gain=training.l0_control_gain, lr_fraction=lr / training.lr if training.lr > 0 else 0.0)
     return out.detached()
 
@@ -260,26 +268,40 @@ def _progress_postfix(trainees: list[Trainee]) -> dict[str, str]:
 
 def train_dictionaries(source: BatchSource, configs: list[DictionaryConfig], training: TrainingConfig,
                        out_dir: str | Path, *, names: list[str] | None = None, progress: bool = True,
-                       stop_after_steps: int | None = None, device: str | torch.device = "cpu"
-                       ) -> list[TrainResult]:
+                       stop_after_steps: int | None = None, device: str | torch.device = "cpu",
+                       distributed: Distributed | None = None) -> list[TrainResult]:
     """Train one SAE per config, all stepping on the same batches (read once), resuming if possible.
 
     Writes `out_dir/<name>/` (sae_weights.safetensors, cfg.json, training_log.csv) per SAE and
     checkpoints under `out_dir/checkpoints/`. `stop_after_steps` stops early after checkpointing.
     `out_dir` is locked for the run (sae.locking: a second writer is refused), and what a killed run left
     half-written there is removed first.
+
+    `distributed` (sae/distributed.py): in a data-parallel run every rank calls this with the same arguments;
+    each trains on its share of every batch, gradients are summed over ranks, and rank 0 alone locks the
+    folder and writes checkpoints and dictionaries. The result equals a single process's with the same
+    batch size and seed, up to the order of floating-point sums.
     """
-    with folder_lock(out_dir):
-        remove_stale_temporaries(Path(out_dir))
-        return _train_in_locked_folder(source, configs, training, out_dir, names=names, progress=progress,
-                                       stop_after_steps=stop_after_steps, device=device)
+    distributed = distributed or Distributed()
+    with folder_lock(out_dir) if distributed.is_main else contextlib.nullcontext():
+        if distributed.is_main:
+            remove_stale_temporaries(Path(out_dir))
+        distributed.barrier()
+        results = _train_in_locked_folder(source, configs, training, out_dir, names=names, progress=progress,
+                                          stop_after_steps=stop_after_steps, device=device, distributed=distributed)
+        distributed.barrier()  # rank 0's files are written when any rank returns
+        return results
 
 
 def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig], training: TrainingConfig,
                             out_dir: str | Path, *, names: list[str] | None, progress: bool,
-                            stop_after_steps: int | None, device: str | torch.device) -> list[TrainResult]:
+                            stop_after_steps: int | None, device: str | torch.device,
+                            distributed: Distributed) -> list[TrainResult]:
     names = list(names) if names is not None else default_names(configs)
     _check_inputs(source, configs, names, training)
+    if training.batch_size % distributed.world_size:
+        raise ValueError(f"the batch size {training.batch_size} does not divide among {distributed.world_size} "
+                         f"processes; use a batch size that is a multiple of {distributed.world_size}")
     if stop_after_steps is not None and stop_after_steps < 1:
         raise ValueError(f"stop_after_steps must be at least 1, got {stop_after_steps}")
     out_dir, device = Path(out_dir), torch.device(device)
@@ -290,70 +312,40 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
     start_step, scales = 0, {}
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
-        start_step, scales = restore_checkpoint(checkpoint, trainees, fingerprint)
+        start_step, scales = restore_checkpoint(checkpoint, trainees, fingerprint, world_size=distributed.world_size)
+    distributed.same_everywhere(start_step, "the step to resume from")
     end_step = training.total_steps if stop_after_steps is None else min(stop_after_steps, training.total_steps)
-    batches = source.batches(hooks, training.batch_size, training.seed, start_batch=start_step)
+    part = {"part": distributed.part} if distributed.active else {}  # a single process: any BatchSource
+    batches = source.batches(hooks, training.batch_size, training.seed, start_batch=start_step, **part)
 
     step = start_step
-    with progress_bar(total=training.total_steps, initial=start_step, enabled=progress, desc="training SAEs",
-                      unit="step") as bar, _stopped_on_nonfinite(out_dir):
+    with progress_bar(total=training.total_steps, initial=start_step, enabled=progress and distributed.is_main,
+                      desc="training SAEs", unit="step") as bar, stopped_on_nonfinite(out_dir):
         while step < end_step:
-            raw = _next_batch(batches, hooks, step + 1)
+            raw = next_batch(batches, hooks, step + 1)
             if step == 0:
-                scales = _initialise_from_first_batch(raw, trainees, device, training)
-            inputs = {hook: _training_rows(raw[hook], training).to(device, torch.float32) / scales[hook]
+                scales = _initialise_from_first_batch(parallel.whole_batch(raw, distributed), trainees, device,
+                                                      training)
+            inputs = {hook: _training_rows(raw[hook], training, distributed).to(device, torch.float32) / scales[hook]
                       for hook in hooks}
-            step = _step_all(trainees, inputs, step, training)
+            step = _step_all(trainees, inputs, step, training, distributed)
             if step % training.log_every == 0 or step == end_step:
                 bar.set_postfix(_progress_postfix(trainees), refresh=False)
             bar.update(1)
-            if (training.checkpoint_every and step % training.checkpoint_every == 0) or (
-                    step == end_step and (training.checkpoint_every or end_step < training.total_steps)):
-                write_checkpoint(out_dir, step, scales, trainees, fingerprint, batch_size=training.batch_size)
+            if distributed.is_main and ((training.checkpoint_every and step % training.checkpoint_every == 0) or (
+                    step == end_step and (training.checkpoint_every or end_step < training.total_steps))):
+                write_checkpoint(out_dir, step, scales, trainees, fingerprint, batch_size=training.batch_size,
+                                 world_size=distributed.world_size)
+    if not distributed.is_main:  # the same weights as rank 0's, which writes them
+        return [TrainResult(trainee.name, out_dir / trainee.name, dict(trainee.log_rows[-1]) if trainee.log_rows
+                            else {}) for trainee in trainees]
     return [_save_result(trainee, scales[trainee.hook], out_dir, step, training) for trainee in trainees]
 
 
-def _next_batch(batches, hooks: list[str], step: int) -> dict[str, torch.Tensor]:
-    """The next batch, its activations checked for NaN and infinity (the store names a damaged shard)."""
-    try:
-        raw = next(batches)
-    except NonFiniteError as error:
-        raise NonFiniteError(f"training step {step}: {error}") from None
-    for hook in hooks:
-        check_finite_rows(raw[hook], f"training step {step}, the batch of activations at hook '{hook}'")
-    return raw
-
-
-@contextlib.contextmanager
-def _stopped_on_nonfinite(out_dir: Path):
-    """Add to a NonFiniteError what was kept: the last good checkpoint, and that no dictionary was written."""
-    try:
-        yield
-    except NonFiniteError as error:
-        checkpoint = latest_checkpoint(out_dir)
-        kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint else "no checkpoint had been written"
-        raise NonFiniteError(f"{error}; training stopped, no dictionary was written and {kept}. Check the "
-                             "activations and the settings (learning rate, sparsity coefficient), then rerun "
-                             "(it resumes from that checkpoint) or start a new --out") from None
-
-
-@torch.no_grad()
-def _check_finite_step(trainee: Trainee, out: TrainingLoss, step: int, lr: float) -> None:
-    """NonFiniteError naming the step, SAE and hook if this step's loss or any weight after it is not finite."""
-    parameters = dict(trainee.sae.named_parameters())
-    flags = torch.stack([torch.isfinite(out.loss).all()] + [torch.isfinite(p).all() for p in parameters.values()])
-    if bool(flags.all()):
-        return
-    where = f"training step {step} of '{trainee.name}' (hook '{trainee.hook}', learning rate {lr:.3g})"
-    if not bool(flags[0]):
-        raise NonFiniteError(f"{where}: the loss is {out.loss.item()}")
-    bad = [name for name, ok in zip(parameters, flags[1:].tolist()) if not ok]
-    raise NonFiniteError(f"{where}: the weights {bad} hold NaN or infinite values after the optimizer step")
-
-
-def _training_rows(x: torch.Tensor, training: TrainingConfig) -> torch.Tensor:
-    """The rows of one batch [batch, d_in] that an SAE trains on: all, or the typical ones (see module docstring)."""
-    return x[typical_token_mask(x)] if training.exclude_outliers else x
+def _training_rows(x: torch.Tensor, training: TrainingConfig, distributed: Distributed) -> torch.Tensor:
+    """The rows of one batch [batch, d_in] (this rank's share) that an SAE trains on: all, or the typical ones
+    (see module docstring; the median is the whole batch's)."""
+    return x[parallel.typical_rows(x, distributed)] if training.exclude_outliers else x
 
 
 def _initialise_from_first_batch(raw: dict[str, torch.Tensor], trainees: list[Trainee], device: torch.device,
@@ -373,19 +365,22 @@ def _initialise_from_first_batch(raw: dict[str, torch.Tensor], trainees: list[Tr
     return scales
 
 
-def _step_all(trainees: list[Trainee], inputs: dict[str, torch.Tensor], step: int, training: TrainingConfig
-              ) -> int:
+def _step_all(trainees: list[Trainee], inputs: dict[str, torch.Tensor], step: int, training: TrainingConfig,
+              distributed: Distributed) -> int:
     """One optimizer step of every SAE on this batch; returns the number of steps done."""
     done = step + 1
+    rows = {hook: distributed.total(x.shape[0]) for hook, x in inputs.items()}  # the whole batch's training rows
     for index, trainee in enumerate(trainees):
         x = inputs[trainee.hook]
-        out = _training_step(trainee, x, step, training)
-        _check_finite_step(trainee, out, done, training.learning_rate(step))
+        out = _training_step(trainee, x, step, training, distributed, rows[trainee.hook])
+        check_finite_step(trainee, out, done, training.learning_rate(step))
         if done % training.log_every == 0 or done == training.total_steps:
-            trainee.log_rows.append(_log_row(trainee, x, out, done, training))
+            trainee.log_rows.append(_log_row(trainee, *parallel.global_output(x, out, x.shape[0] / rows[trainee.hook],
+                                                                              distributed), done, training))
         if training.resamples_after(done):
             dead = trainee.tokens_since_fired >= training.dead_window_tokens
             generator = resampling_generator(training.seed, done, index)
-            if resample_dead_features(trainee.sae, trainee.optimizer, dead, out.residual, generator):
+            residual = distributed.gather_rows(out.residual)
+            if resample_dead_features(trainee.sae, trainee.optimizer, dead, residual, generator):
                 trainee.tokens_since_fired.masked_fill_(dead, 0)
     return done
