@@ -379,3 +379,12 @@ def ioi_search_options(args) -> None:
                  if value is not None]
         if given:
             raise InputError(f"{', '.join(given)} only apply to --search greedy")
+
+
+def launcher_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun), checked without importing torch."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"WORLD_SIZE={text!r} is not a positive integer; launch with torchrun --nproc_per_node=N "
+                         "(which sets it) or unset it")
+    return int(text)

@@ -7,7 +7,10 @@ matters), at two hooks; one SAE of each architecture trains, with resampling and
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -38,10 +41,21 @@ def configs() -> list[DictionaryConfig]:
             DictionaryConfig("jumprelu", D_IN, D_SAE, hook_name=a, l1_coefficient=1e-3)]
 
 
+class SlowSource(TensorBatchSource):
+    """Waits DISTRIBUTED_WORKER_DELAY seconds before each batch, so a test can kill a rank mid-run."""
+
+    def batches(self, *args, **kwargs):
+        for batch in super().batches(*args, **kwargs):
+            time.sleep(float(os.environ.get("DISTRIBUTED_WORKER_DELAY", "0")))
+            yield batch
+
+
 def main(out_dir: str, stop_after_steps: int | None = None) -> None:
     torch.set_num_threads(1)
     distributed = Distributed.from_environment("cpu")
-    source = TensorBatchSource({hook: activations(index) for index, hook in enumerate(HOOKS)})
+    if "DISTRIBUTED_WORKER_PIDS" in os.environ:  # where a test finds each rank's pid
+        Path(os.environ["DISTRIBUTED_WORKER_PIDS"], f"rank{distributed.rank}.pid").write_text(str(os.getpid()))
+    source = SlowSource({hook: activations(index) for index, hook in enumerate(HOOKS)})
     training = TrainingConfig(total_tokens=40 * 256, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
                               dead_window_tokens=768, resample_dead=True, resample_every=15, seed=3)
     train_dictionaries(source, configs(), training, out_dir, progress=False, stop_after_steps=stop_after_steps,

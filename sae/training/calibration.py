@@ -34,6 +34,7 @@ import torch
 
 from sae.batches import BatchSource
 from sae.config import DictionaryConfig
+from sae.distributed import Distributed
 from sae.metrics import l0, typical_token_mask
 from sae.registry import architecture_class
 from sae.training.config import TrainingConfig
@@ -131,9 +132,13 @@ def interpolate_setting(trials: list[tuple[float, float]], target_l0: float) -> 
 
 def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: TrainingConfig, target_l0: float,
                        scratch_dir: str | Path, *, pilot_tokens: int | None = None, progress: bool = True,
-                       device: str | torch.device = "cpu", max_rounds: int = 4, full_length: bool = True
-                       ) -> Calibration:
-    """Find the sparsity setting of `config`'s architecture that gives L0 `target_l0` at its hook."""
+                       device: str | torch.device = "cpu", max_rounds: int = 4, full_length: bool = True,
+                       distributed: Distributed | None = None) -> Calibration:
+    """Find the sparsity setting of `config`'s architecture that gives L0 `target_l0` at its hook.
+
+    In a data-parallel run every rank calls this alike: the pilots train data-parallel, every rank measures
+    the same (identical) pilot weights on the same rows, so all choose the same setting."""
+    distributed = distributed or Distributed()
     from sae.training.loop import train_dictionaries  # the loop imports nothing from here
 
     if not (math.isfinite(target_l0) and 0 < target_l0 < config.d_sae):
@@ -158,8 +163,11 @@ def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: 
         configs = [dataclasses.replace(config, l1_coefficient=float(value), extra={}) for value in values]
         names = [f"pilot_{position}" for position in range(len(configs))]
         folder = scratch / folder_name
-        shutil.rmtree(folder, ignore_errors=True)
-        results = train_dictionaries(source, configs, schedule, folder, names=names, progress=progress, device=device)
+        if distributed.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        distributed.barrier()
+        results = train_dictionaries(source, configs, schedule, folder, names=names, progress=progress, device=device,
+                                     distributed=distributed)
         into.extend((float(value), measured_l0(result.dictionary, rows)) for value, result in zip(values, results))
 
     def run_round(index: int, values: list[float]) -> None:
@@ -186,7 +194,9 @@ def calibrate_sparsity(source: BatchSource, config: DictionaryConfig, training: 
             elif bracket_ratio(full_trials, target_l0) > COARSE_BRACKET:  # a cliff (L0 collapsing): look closer
                 run_full_round(1, [finer * factor for factor in SECOND_ROUND_FACTORS])
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        distributed.barrier()
+        if distributed.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)
     chosen = interpolate_setting(full_trials or trials, target_l0)
     if chosen is None:
         tried = full_trials or trials

@@ -232,9 +232,10 @@ def _log_row(trainee: Trainee, x: torch.Tensor, out: TrainingLoss, step: int, tr
 # outputs
 
 
-def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, training: TrainingConfig
-                 ) -> TrainResult:
-    """Fold the scale into a copy of the SAE and write its folder and training log."""
+def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, training: TrainingConfig, *,
+                 write: bool = True) -> TrainResult:
+    """Fold the scale into a copy of the SAE and write its folder and training log (unless `write` is off:
+    the other ranks of a data-parallel run hold the same weights as rank 0, which writes them)."""
     final = copy.deepcopy(trainee.sae).cpu().eval()
     if free_rows(training, final):  # free rows: fold their norms into the codes (same reconstructions)
         final.scale_features_(final.W_dec.detach().norm(dim=1).clamp_min(1e-12))
@@ -247,7 +248,9 @@ def _save_result(trainee: Trainee, scale: float, out_dir: Path, step: int, train
                        "training_complete": step >= training.total_steps,
                        "training": json.loads(json.dumps(dataclasses.asdict(training)))}
     log = pd.DataFrame(trainee.log_rows, columns=LOG_COLUMNS)
-    folder = dictionary_io.save_dictionary(final, out_dir / trainee.name, extra_files={LOG_FILE: log.to_csv(index=False)})
+    folder = out_dir / trainee.name
+    if write:
+        folder = dictionary_io.save_dictionary(final, folder, extra_files={LOG_FILE: log.to_csv(index=False)})
     metrics = dict(trainee.log_rows[-1]) if trainee.log_rows else {}
     metrics["activation_scale"] = scale
     return TrainResult(trainee.name, folder, metrics, final)
@@ -336,10 +339,8 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
                     step == end_step and (training.checkpoint_every or end_step < training.total_steps))):
                 write_checkpoint(out_dir, step, scales, trainees, fingerprint, batch_size=training.batch_size,
                                  world_size=distributed.world_size)
-    if not distributed.is_main:  # the same weights as rank 0's, which writes them
-        return [TrainResult(trainee.name, out_dir / trainee.name, dict(trainee.log_rows[-1]) if trainee.log_rows
-                            else {}) for trainee in trainees]
-    return [_save_result(trainee, scales[trainee.hook], out_dir, step, training) for trainee in trainees]
+    return [_save_result(trainee, scales[trainee.hook], out_dir, step, training, write=distributed.is_main)
+            for trainee in trainees]
 
 
 def _training_rows(x: torch.Tensor, training: TrainingConfig, distributed: Distributed) -> torch.Tensor:

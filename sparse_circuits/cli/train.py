@@ -12,7 +12,14 @@ from sparse_circuits.validation import nonnegative_float, nonnegative_int, posit
 DESCRIPTION = """Harvest activations at one or more hook points in one pass (stopping after the deepest), then
 train one SAE per hook and per L1 coefficient (or k) from that harvest. Writes
 OUT/<hook>[__l1_A]/{sae_weights.safetensors,cfg.json,training_log.csv}, checkpoints under
-OUT/checkpoints (rerun the same command to resume), and the activations under OUT/activations."""
+OUT/checkpoints (rerun the same command to resume), and the activations under OUT/activations.
+
+Data-parallel on N processes (gloo on CPU, nccl on CUDA; the same weights as one process with the same
+--batch-size and --seed, up to the order of float sums; resume with the same N):
+  torchrun --no-python --nproc_per_node=N sparse-circuits train ...
+  (or python -m torch.distributed.run --nproc_per_node=N -m sparse_circuits train ...)
+Several machines: torchrun --nnodes=M --node_rank=I --rdzv-endpoint=HOST:PORT --rdzv-backend=c10d ...
+on each, with OUT on a file system all of them share."""
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -79,6 +86,10 @@ def check_arguments(args) -> None:
     if args.target_l0 is not None and args.target_l0 > MAX_TARGET_L0:
         raise validation.InputError(f"--target-l0 {args.target_l0:g} is not a plausible L0 (active features per token, "
                                     "below the dictionary width); give a number such as 40")
+    world_size = validation.launcher_world_size()
+    if args.batch_size % world_size:
+        raise validation.InputError(f"--batch-size {args.batch_size} does not divide among the {world_size} processes "
+                                    f"torchrun started; give a multiple of {world_size}")
     validation.output_folder(args.out, "--out")
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
@@ -87,8 +98,9 @@ def check_arguments(args) -> None:
 
 def run(args) -> None:
     from circuits.hooks import validate_hooks
-    from circuits.models import load_model
+    from circuits.models import load_model, resolve_device
     from sae.corpus import load_corpus
+    from sae.distributed import Distributed
     from sparse_circuits.pipelines.evaluate import evaluate_folders, format_eval_table
     from sparse_circuits.pipelines.train import TrainRequest, train_on_model
 
@@ -100,9 +112,15 @@ def run(args) -> None:
         resample_dead=args.resample_dead, activations_dir=args.activations, target_l0=args.target_l0,
         pilot_tokens=args.pilot_tokens)
     corpus = load_corpus(args.corpus)
-    model = load_model(args.model, device=args.device)
-    validate_hooks(model, args.hook)
-    results = train_on_model(model, corpus, request, args.out)
+    distributed = Distributed.from_environment(resolve_device(args.device))
+    try:
+        model = load_model(args.model, device=str(distributed.device(resolve_device(args.device))))
+        validate_hooks(model, args.hook)
+        results = train_on_model(model, corpus, request, args.out, distributed=distributed)
+    finally:
+        distributed.close()
+    if not distributed.is_main:
+        return
     for result in results:
         metrics = result.metrics
         target = f" (target {args.target_l0:g})" if args.target_l0 is not None else ""

@@ -6,6 +6,7 @@ notebooks and the demo call it too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ from circuits.models import model_name_of
 from sae.activation_store import ActivationStore
 from sae.config import DictionaryConfig
 from sae.corpus import Corpus, tokenize_contexts
+from sae.distributed import Distributed
 from sae.io import WEIGHTS_FILE, read_dictionary_config, read_safetensors_header
 from sae.locking import folder_lock
 from sae.assets import atomic_write_text
@@ -75,19 +77,21 @@ def contexts_for_tokens(tokens: int, context_size: int, exclude_bos: bool = True
     return max(1, math.ceil(tokens / per_context))
 
 
-def harvest_for_training(model, corpus: Corpus, request: TrainRequest, store_dir: Path, progress: bool = True
-                         ) -> ActivationStore:
-    """Tokenize the train split and harvest every requested hook in one pass (resumes)."""
+def harvest_for_training(model, corpus: Corpus, request: TrainRequest, store_dir: Path, progress: bool = True,
+                         distributed: Distributed | None = None) -> ActivationStore:
+    """Tokenize the train split and harvest every requested hook in one pass (resumes; with `distributed`,
+    each rank harvests its share of the shards)."""
     validate_hooks(model, request.hooks)
     n_contexts = contexts_for_tokens(request.tokens, request.context_size)
     contexts = tokenize_contexts(corpus, model.tokenizer, request.context_size, n_contexts, split="train",
                                  seed=request.seed)
-    if contexts.shape[0] < n_contexts and progress:
+    if contexts.shape[0] < n_contexts and progress and (distributed is None or distributed.is_main):
         print(f"note: the corpus train split gave {contexts.shape[0]} contexts, fewer than the {n_contexts} "
               "asked for; training on all of it")
     return harvest_activations(model, contexts, request.hooks, store_dir, dtype=request.store_dtype,
                                batch_size=request.harvest_batch_size, model_name=model_name_of(model),
-                               metadata={"corpus": corpus.describe(), "seed": request.seed}, progress=progress)
+                               metadata={"corpus": corpus.describe(), "seed": request.seed}, progress=progress,
+                               distributed=distributed)
 
 
 def request_record(request: TrainRequest, corpus: Corpus | None) -> dict:
@@ -143,19 +147,23 @@ def reuse_mismatch(folder: Path, request: TrainRequest, *, hook: str, model_name
     return f"{folder} differs from the request: {'; '.join(differing)}" if differing else None
 
 
-def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | Path, progress: bool = True
-                   ) -> list[TrainResult]:
+def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | Path, progress: bool = True,
+                   distributed: Distributed | None = None) -> list[TrainResult]:
     """Harvest activations at `request.hooks`, then train every requested SAE from that one harvest.
 
-    `out_dir` is locked for the whole command (sae.locking): a second `train` into it is refused at once."""
-    with folder_lock(out_dir):
-        return _train_on_model_locked(model, corpus, request, Path(out_dir), progress)
+    `out_dir` is locked for the whole command (sae.locking): a second `train` into it is refused at once.
+    With `distributed` (torchrun), every rank runs this alike: harvest and training are data-parallel and
+    rank 0 holds the lock and writes what is shared."""
+    distributed = distributed or Distributed()
+    with folder_lock(out_dir) if distributed.is_main else contextlib.nullcontext():
+        return _train_on_model_locked(model, corpus, request, Path(out_dir), progress, distributed)
 
 
-def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir: Path, progress: bool
-                           ) -> list[TrainResult]:
+def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir: Path, progress: bool,
+                           distributed: Distributed) -> list[TrainResult]:
     store_dir = Path(request.activations_dir) if request.activations_dir is not None else out_dir / "activations"
-    store = harvest_for_training(model, corpus, request, store_dir, progress)
+    progress = progress and distributed.is_main
+    store = harvest_for_training(model, corpus, request, store_dir, progress, distributed)
     training = TrainingConfig(
         total_tokens=int(request.epochs * store.n_tokens), batch_size=request.batch_size, lr=request.lr,
         seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
@@ -168,17 +176,19 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
                          f"{request.batch_size}; ask for more --tokens or a smaller --batch-size")
     configs = request.dictionary_configs(store.d_in, model_name_of(model))
     if request.target_l0 is not None:
-        configs = calibrated_configs(store, configs, training, request, out_dir, progress=progress)
+        configs = calibrated_configs(store, configs, training, request, out_dir, progress=progress,
+                                     distributed=distributed)
     for config in configs:
         config.extra["request"] = request_record(request, corpus)
-    return train_dictionaries(store, configs, training, out_dir, progress=progress)
+    return train_dictionaries(store, configs, training, out_dir, progress=progress, distributed=distributed)
 
 
 CALIBRATION_FILE = "calibration.json"
 
 
 def calibrated_configs(store, configs: list[DictionaryConfig], training: TrainingConfig, request: TrainRequest,
-                       out_dir: Path, *, progress: bool = True) -> list[DictionaryConfig]:
+                       out_dir: Path, *, progress: bool = True, distributed: Distributed | None = None
+                       ) -> list[DictionaryConfig]:
     """One config per hook with its sparsity calibrated to `request.target_l0` (sae.training.calibration).
 
     The choice is kept in OUT/calibration.json (written atomically) and reused by a rerun with the same
@@ -198,9 +208,10 @@ def calibrated_configs(store, configs: list[DictionaryConfig], training: Trainin
         record = kept.get(key)
         if record is None:
             calibration = calibrate_sparsity(store, config, training, request.target_l0, out_dir / "calibration_pilots",
-                                             pilot_tokens=pilot_tokens, progress=progress)
+                                             pilot_tokens=pilot_tokens, progress=progress, distributed=distributed)
             record = kept[key] = calibration.record()
-            atomic_write_text(path, json.dumps(kept, indent=1))
+            if distributed is None or distributed.is_main:
+                atomic_write_text(path, json.dumps(kept, indent=1))
             if progress:
                 print(f"calibrated {calibration.describe()}")
         elif progress:
