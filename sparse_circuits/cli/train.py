@@ -19,7 +19,15 @@ Data-parallel on N processes (gloo on CPU, nccl on CUDA; the same weights as one
   torchrun --no-python --nproc_per_node=N sparse-circuits train ...
   (or python -m torch.distributed.run --nproc_per_node=N -m sparse_circuits train ...)
 Several machines: torchrun --nnodes=M --node_rank=I --rdzv-endpoint=HOST:PORT --rdzv-backend=c10d ...
-on each, with OUT on a file system all of them share."""
+on each, with OUT on a file system all of them share.
+
+Recipes for strong dictionaries (10M tokens; untied rows train free, as SAELens; add --device cuda and
+torchrun on a GPU machine, where 50M+ tokens are practical):
+  TopK:       train --hook blocks.12.hook_resid_post --arch topk --k 40 --untied --tokens 10000000
+              --batch-size 4096 --lr 3e-3 --evaluate-tokens 65536 --out runs/topk40
+  BatchTopK:  the same with --arch batchtopk --k 40
+  ReLU + L1:  the same with --arch relu --target-l0 40 (the paper's tied SAE: drop --untied, --lr 1e-3)
+Several hooks in one --out share one harvest (repeat --hook); --activations DIR reuses a store."""
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
