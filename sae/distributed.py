@@ -65,8 +65,10 @@ class Distributed:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend)
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   local_rank=int(os.environ["LOCAL_RANK"]),
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), backend=backend)
 
     @property
@@ -90,26 +92,34 @@ class Distributed:
         return requested
 
     # --- collectives (identities in a world of one) ------------------------------------------------------
+    # nccl moves CUDA tensors only and gloo CPU tensors; each collective takes its input to that device
+    # (`wire`) and gives the result back on the input's device.
+
+    @property
+    def wire(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
 
+    def _reduce_(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        if self.active:
+            sent = tensor.to(self.wire)
+            dist.all_reduce(sent, op=op)
+            if sent is not tensor:
+                tensor.copy_(sent)
+        return tensor
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns the tensor."""
-        if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        return self._reduce_(tensor, dist.ReduceOp.SUM)
 
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
+        return self._reduce_(tensor, dist.ReduceOp.MAX)
 
     def min_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return tensor
+        return self._reduce_(tensor, dist.ReduceOp.MIN)
 
     def total(self, count: int) -> int:
         """An integer summed over ranks."""
@@ -119,14 +129,14 @@ class Distributed:
         """Every rank's rows [n_r, ...] concatenated in rank order (n_r may differ between ranks)."""
         if not self.active:
             return tensor
-        sizes = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(self.world_size)]
-        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device))
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.wire) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.int64, device=self.wire))
         counts = [int(size[0]) for size in sizes]
-        padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=self.wire)
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[:count] for part, count in zip(parts, counts)])
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(tensor.device)
 
     def sum_gradients_(self, parameters) -> None:
         """Sum every parameter's gradient over ranks (one collective: the gradients are flattened into one buffer).
@@ -135,7 +145,7 @@ class Distributed:
             return
         parameters = list(parameters)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self._reduce_(flat, dist.ReduceOp.SUM)
         offset = 0
         for parameter in parameters:
             size = parameter.numel()
