@@ -111,7 +111,8 @@ def read_brown_sentences(path: str | Path | None = None, progress: bool = True) 
                 if handle is not None:
                     sentences += parse_brown_sample(name, handle.read().decode("utf-8", errors="replace"))
     except (tarfile.TarError, OSError) as error:
-        raise CorpusError(f"could not read the Brown corpus package {path}: {error}; delete it to fetch it again") from error
+        raise CorpusError(f"could not read the Brown corpus package {path}: {error}; delete it to fetch it "
+                          "again") from error
     if not sentences:
         raise CorpusError(f"{path} holds no tagged Brown samples (files ca01..cr09); the package layout changed")
     return sentences

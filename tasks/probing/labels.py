@@ -74,8 +74,8 @@ def resolve_labels(names: list[str] | None, tag_counts: Counter,
         raise LabelError(f"unknown tag(s) {', '.join(unknown)}: a label is a normalised Brown tag (lower case, "
                          f"suffixes such as -tl dropped; the corpus has {len(tag_counts)}, the most frequent "
                          f"{', '.join(frequent_tags(tag_counts, 15))}) or a concept ({', '.join(CONCEPTS)})")
-    return [ProbeLabel(name, CONCEPTS[name]) if name in CONCEPTS else ProbeLabel(name.lower(), frozenset({name.lower()}))
-            for name in names]
+    return [ProbeLabel(name, CONCEPTS[name]) if name in CONCEPTS
+            else ProbeLabel(name.lower(), frozenset({name.lower()})) for name in names]
 
 
 def check_label_counts(labels: list[ProbeLabel], train_tags: list[str], held_out_tags: list[str]) -> None:

@@ -72,8 +72,9 @@ def format_summary(summary, ks: tuple[int, int]) -> str:
         differences = []
         for k in (low_k, high_k):
             row = group[group["k"] == k].iloc[0]
-            differences.append("" if row["kind"] != "sae" else
-                               f"{_with_interval(row['f1_minus_best_baseline'], row['f1_minus_best_baseline_lo'], row['f1_minus_best_baseline_hi'])} ({row['best_baseline']})")
+            difference = _with_interval(row["f1_minus_best_baseline"], row["f1_minus_best_baseline_lo"],
+                                        row["f1_minus_best_baseline_hi"])
+            differences.append("" if row["kind"] != "sae" else f"{difference} ({row['best_baseline']})")
         lines.append(f"{hook:<26} {basis:<14} {cells[0]:<26} {cells[1]:<26} {differences[0]:<34} {differences[1]}")
     return "\n".join(lines)
 

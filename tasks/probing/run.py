@@ -113,7 +113,7 @@ def fit_probe_baselines(model, hook: str, names: list[str], train_activations: t
 
 
 def run_probing(model, saes: dict[str, dict[str, Dictionary]], tagged: TaggedTokens, labels: list[ProbeLabel], *,
-                baselines: list[str] = list(PROBE_BASELINES), settings: ProbeSettings = ProbeSettings(),
+                baselines: tuple[str, ...] | list[str] = PROBE_BASELINES, settings: ProbeSettings = ProbeSettings(),
                 progress: bool = True) -> ProbeResults:
     """Probe every SAE (`saes`: {basis name: {hook: dictionary}}) and baseline at every SAE hook (see module)."""
     hooks = validate_dictionaries(model, saes, tuple(settings.ks))

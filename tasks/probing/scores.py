@@ -2,7 +2,8 @@
 bootstrap over held-out sentences.
 
 Every score takes token weights [n, B] (a column per resample, laid out so that picking tokens picks
-rows): one column of ones is the plain score; `resample_weights` gives B columns of a sentence bootstrap (a token weighs as often as its sentence was drawn), so all labels, bases
+rows): one column of ones is the plain score; `resample_weights` gives B columns of a sentence
+bootstrap (a token weighs as often as its sentence was drawn), so all labels, bases
 and k share the same resamples and means over labels, or differences between bases, get paired
 intervals from the same columns. Weights are whole counts, so float32 sums of them are exact.
 """
@@ -39,7 +40,8 @@ def f1_scores(weights: torch.Tensor, predicted: torch.Tensor, actual: torch.Tens
     false_positive = ((predicted & ~actual).float() @ weights).double()
     false_negative = ((~predicted & actual).float() @ weights).double()
     denominator = 2 * true_positive + false_positive + false_negative
-    return torch.where(denominator > 0, 2 * true_positive / denominator.clamp_min(1e-300), torch.zeros_like(denominator))
+    f1 = 2 * true_positive / denominator.clamp_min(1e-300)
+    return torch.where(denominator > 0, f1, torch.zeros_like(denominator))
 
 
 def precision_recall(predicted: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
