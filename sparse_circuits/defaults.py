@@ -17,6 +17,9 @@ IOI_TRAIN_L1 = 1e-3  # gave L0 188, FVU 0.22 (2e-3: L0 80, FVU 0.35, too lossy t
 IOI_TRAIN_LR = 3e-3
 IOI_TRAIN_EPOCHS = 16
 
+PROBE_BASELINES = ("neurons", "pca", "ica", "random")  # = tasks.probing.PROBE_BASELINES
+PROBE_KS = (1, 2, 4, 8, 16)  # = tasks.probing.DEFAULT_KS
+
 ERASE_METHODS = ("sae_attribution", "sae_activation", "sae_random", "random_dictionary", "leace", "mean_projection",
                  "leace_all_positions", "mean_projection_all_positions")  # = tasks.erasure.METHODS
 ERASE_KS = (1, 2, 4, 8, 16, 32)  # = tasks.erasure.DEFAULT_KS

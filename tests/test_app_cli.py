@@ -11,7 +11,8 @@ from sparse_circuits.cli.main import build_parser
 HELP_WITHOUT_TORCH = """
 import sys
 from sparse_circuits.cli.main import main
-for argv in (["--help"], ["train", "--help"], ["ioi", "--help"], ["erase", "--help"], ["train", "--tokens", "x"]):
+for argv in (["--help"], ["train", "--help"], ["ioi", "--help"], ["erase", "--help"], ["probe", "--help"],
+             ["train", "--tokens", "x"]):
     try:
         main(argv)
     except SystemExit:
@@ -55,7 +56,7 @@ def test_defaults_match_the_library():
     from circuits.model_sources import REGISTRY_MODELS
     from circuits.models import DEFAULT_MODEL
     from sparse_circuits import defaults
-    from tasks import erasure, ioi
+    from tasks import erasure, ioi, probing
 
     assert defaults.DEFAULT_MODEL == DEFAULT_MODEL
     assert defaults.REGISTRY_MODEL_NAMES == tuple(REGISTRY_MODELS)
@@ -66,6 +67,8 @@ def test_defaults_match_the_library():
     assert defaults.IOI_KL_TARGET_FRACTION == ioi.SearchSettings().kl_target_fraction
     assert defaults.ERASE_METHODS == tuple(erasure.METHODS)
     assert defaults.ERASE_KS == tuple(erasure.DEFAULT_KS)
+    assert defaults.PROBE_BASELINES == tuple(probing.PROBE_BASELINES)
+    assert defaults.PROBE_KS == tuple(probing.DEFAULT_KS)
 
 
 @pytest.mark.parametrize("argv, message", [

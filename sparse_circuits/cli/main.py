@@ -7,6 +7,7 @@
   trace     trace a feature's upstream features into a graph (attribution or ablation)
   export    write a traced graph as SVG, PNG, DOT, GraphML, HTML or JSON
   erase     concept erasure with dictionary features, compared with LEACE and projections
+  probe     sparse probing of part-of-speech labels: SAE features vs neurons, PCA, ICA, random
   dashboard an offline feature dashboard site (index + a page per feature) for a dictionary or baseline
   demo      the main job end to end on defaults
 
@@ -18,11 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparse_circuits.cli import dashboard, demo, erase, evaluate, export, fetch, ioi, trace, train
+from sparse_circuits.cli import dashboard, demo, erase, evaluate, export, fetch, ioi, probe, trace, train
 from sparse_circuits.cli.common import HelpFormatter, positive_int
 from sparse_circuits.messages import cli_message
 
-SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, export, erase, dashboard, demo)  # in the order --help lists them
+SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, export, erase, probe, dashboard, demo)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
