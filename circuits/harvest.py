@@ -45,6 +45,8 @@ def autocast_context(model, autocast: str = "off"):
     if AUTOCAST_DTYPES[autocast] is None:
         return contextlib.nullcontext()
     device_type = next(model.parameters()).device.type
+    if device_type == "cuda" and autocast == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("autocast bf16: this GPU has no bfloat16 support; use fp16 or off")
     return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[autocast])
 
 
