@@ -15,7 +15,9 @@ per token. `cost/share` is the ratio over that ideal (the target is <= 1.1). The
 as it was (TransformerBridge `run_with_cache(stop_at_layer=...)`), for the record of where the time went. The
 last column is the harvest's useful FLOP rate, (L+1)*block*tokens/s, as a fraction of the machine's fp32 matmul
 rate measured in the same run (a square matmul, best of several; train_throughput.matmul_flops_per_second).
-`--breakdown` also times full-forward variants (eager attention, KV cache, the bridge). Example:
+`--breakdown` also times full-forward variants (eager attention, KV cache, the bridge). Times are this process's
+CPU seconds by default (`--clock cpu`: with one thread, other processes on a shared machine do not count).
+Example:
 
     python benchmarks/harvest_speed.py --layers 5 12 20 29 --threads 1 --json results/harvest_speed.json
 """
@@ -64,10 +66,14 @@ def plain_transformers_model(model, spec: str):
     return AutoModelForCausalLM.from_pretrained(source, dtype=next(model.parameters()).dtype).eval()
 
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+CLOCK = CLOCKS["cpu"]
+
+
 def _seconds(function) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     function()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def interleaved(functions: dict, repeats: int) -> dict[str, list[float]]:
@@ -166,20 +172,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for the model and the matmul reference")
     parser.add_argument("--no-bridge", action="store_true", help="skip timing the old bridge path")
     parser.add_argument("--breakdown", action="store_true", help="also time full-forward variants")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="cpu",
+                        help="cpu: this process's CPU seconds (with 1 thread, immune to other processes taking the "
+                             "cores of a shared machine; tokens/s are then per CPU-second); wall: elapsed time")
     parser.add_argument("--json", help="write the table to this file")
     args = parser.parse_args()
 
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu")
     plain = plain_transformers_model(model, args.model)
     tokens = tokenize_contexts(load_corpus("registry"), model.tokenizer, args.context_size, args.contexts, seed=1)
     batches = list(tokens.split(args.batch_size))
-    matmul_rate = matmul_flops_per_second(1024, 1024, 1024)
+    matmul_rate = matmul_flops_per_second(1024, 1024, 1024, clock=CLOCK)
     with torch.inference_mode():
         rows = measure(model, plain, batches, args.layers, args.repeats, old_path=not args.no_bridge)
         variants = breakdown(model, plain, batches, args.repeats, args.model) if args.breakdown else None
     print(f"{args.model}, {tokens.numel()} tokens ({args.contexts} x {args.context_size}, batch {args.batch_size}), "
-          f"{torch.get_num_threads()} thread(s), fp32 matmul {matmul_rate / 1e9:.1f} GFLOP/s")
+          f"{torch.get_num_threads()} thread(s), {args.clock} clock, fp32 matmul {matmul_rate / 1e9:.1f} GFLOP/s")
     print_table(rows, matmul_rate)
     if variants:
         print("full forward variants, cost relative to the plain forward:")
@@ -187,7 +198,8 @@ def main() -> None:
             print(f"  {name:<34} {ratio:.3f}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "threads": torch.get_num_threads(), "tokens": tokens.numel(),
+            json.dump({"model": args.model, "threads": torch.get_num_threads(), "clock": args.clock,
+                       "tokens": tokens.numel(),
                        "context_size": args.context_size, "batch_size": args.batch_size, "repeats": args.repeats,
                        "matmul_flops_per_s": matmul_rate, "rows": rows, "full_forward_variants": variants},
                       handle, indent=2)
