@@ -10,7 +10,8 @@ wraps, records those tensors with forward hooks, and stops by raising after the 
 later block, no final norm, no unembedding).
 
 `collect_direct` returns None where the view cannot stand in for the bridge (other hooks, hooks attached to the
-bridge's hook points, weights processed by compatibility mode, a wrapper that patched its module's forward);
+bridge's hook points, weights processed by compatibility mode, a wrapper that patched its module's forward, an
+attention the bridge computes differently from HF, such as GPT-2's fused QKV);
 the caller then runs the bridge.
 """
 
@@ -81,6 +82,11 @@ def _build_view(model) -> PlainView:
     original = getattr(model, "original_model", None)
     if original is None or not hasattr(model, "blocks"):
         raise _Unsupported("no HF model or no blocks")
+    if not all(type(getattr(block, "attn", None)) is _exact_attention() for block in model.blocks):
+        # The bridge re-implements attention; only its rotary (position-embeddings) attention is HF's eager math
+        # step by step (bit-identical, tests/test_direct_harvest.py). GPT-2's fused-QKV one differs by ~1e-8,
+        # enough to move a discrete search downstream (IOI baselines), so those models stay on the bridge.
+        raise _Unsupported("attention not bit-identical to HF eager")
     memo: dict[int, torch.nn.Module] = {}
 
     def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -110,6 +116,13 @@ def _build_view(model) -> PlainView:
             raise _Unsupported("a block is not inside the HF model")
         layers.append(memo[id(layer)])
     return PlainView(root, layers)
+
+
+def _exact_attention() -> type:
+    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+        PositionEmbeddingsAttentionBridge)
+
+    return PositionEmbeddingsAttentionBridge
 
 
 def collect_direct(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor] | None:
