@@ -94,8 +94,12 @@ def resolve_device(device: str | None) -> str:
     else:
         usable = parsed.type in available or any(name.startswith(f"{parsed.type}:") for name in available)
     if not usable:
+        why = ""
+        if parsed.type == "cuda":
+            why = (f" (this PyTorch build, {torch.__version__}, has no CUDA support)" if torch.version.cuda is None
+                   else " (no CUDA device is visible to PyTorch)" if torch.cuda.device_count() == 0 else "")
         raise DeviceError(f"device {device!r} is not available on this machine; available: "
-                          f"{', '.join(['auto', *available])}")
+                          f"{', '.join(['auto', *available])}{why}")
     return device
 
 

@@ -206,6 +206,19 @@ def corpus_spec(spec: str, flag: str = "--corpus") -> None:
             raise InputError(f"corpus {file} holds no text")
 
 
+def device(spec: str | None, flag: str = "--device") -> None:
+    """A device this machine has ('auto' and 'cpu' always; torch is imported only to check any other), checked
+    before the corpus and the model load: `--device cuda` without CUDA is one error line at once."""
+    if spec in (None, "auto", "cpu"):
+        return
+    from circuits.models import DeviceError, resolve_device
+
+    try:
+        resolve_device(spec)
+    except DeviceError as error:
+        raise InputError(f"{flag}: {error}") from None
+
+
 def hook_names(hooks: list[str] | None, flag: str = "--hook") -> None:
     """Each hook name is a non-empty name such as blocks.12.hook_resid_post (the model checks the rest)."""
     for hook in hooks or []:

@@ -208,9 +208,11 @@ CASES = [
                                                 (tmp / "bad_sae" / "sae_weights.safetensors").write_bytes(b"\x01"))),
     # --- runtime: devices, output folders in use
     Case("train --device cuda:99", TRAIN_OUT + ["--device", "cuda:99"],
-         "device 'cuda:99' is not available on this machine; available: auto, cpu", files=TEXT, loads_model=True),
+         "device 'cuda:99' is not available on this machine; available: auto", files=TEXT),
     Case("train --device banana", TRAIN_OUT + ["--device", "banana"], "device 'banana' is not a device name",
-         files=TEXT, loads_model=True),
+         files=TEXT),
+    Case("evaluate --device cuda:99", EVALUATE + ["--sae", "{sae}", "--device", "cuda:99"], "--device: device 'cuda:99' is not available",
+         files=TEXT),
     Case("train --out in use by another train", TRAIN_OUT, "/out is in use by process", files=TEXT,
          setup=busy("out"), loads_model=True),
     Case("ioi --out in use by another ioi", IOI, "/out is in use by process", setup=busy("out"), loads_model=True),

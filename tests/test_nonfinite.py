@@ -124,9 +124,9 @@ def test_nan_activations_stop_a_harvest_naming_the_hook_and_contexts(tiny_llama,
     real = circuits.harvest.collect_activations
     calls = []
 
-    def poisoned(model, tokens, hooks):
+    def poisoned(model, tokens, hooks, **options):
         calls.append(1)
-        values = real(model, tokens, hooks)
+        values = real(model, tokens, hooks, **options)
         if len(calls) == 3:
             values[hooks[0]][0, 2] = math.inf
         return values

@@ -80,7 +80,11 @@ def quiet_libraries() -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """The subcommand's checks of every argument and input file (standard library only: before torch)."""
+    """The subcommand's checks of every argument and input file (standard library only: before torch, except
+    for an accelerator named by --device, whose presence only torch can tell)."""
+    from sparse_circuits import validation
+
+    validation.device(getattr(args, "device", None))
     if getattr(args, "check", None) is not None:
         args.check(args)
 

@@ -67,6 +67,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "harvested with the same settings for these hooks and more is reused as it is")
     parser.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="dtype of the stored activations")
+    parser.add_argument("--autocast", choices=["off", "bf16", "fp16"], default="off",
+                        help="mixed precision for the model's forward while harvesting (torch.autocast; off: the "
+                             "model's own dtype, exact; bf16 suits CUDA GPUs from Ampere on)")
     parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     parser.add_argument("--seed", type=seed, default=0, help="seed for context sampling, initialisation and batches")
@@ -118,7 +121,7 @@ def run(args) -> None:
         epochs=args.epochs, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
         store_dtype=args.store_dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
         resample_dead=args.resample_dead, activations_dir=args.activations, target_l0=args.target_l0,
-        pilot_tokens=args.pilot_tokens)
+        pilot_tokens=args.pilot_tokens, harvest_autocast=args.autocast)
     corpus = load_corpus(args.corpus)
     distributed = Distributed.from_environment(resolve_device(args.device))
     try:

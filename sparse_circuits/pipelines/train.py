@@ -45,6 +45,7 @@ class TrainRequest:
     lr: float = 1e-3
     store_dtype: str = "float16"
     harvest_batch_size: int = 16
+    harvest_autocast: str = "off"  # mixed precision for the harvest's forward: "off", "bf16", "fp16"
     seed: int = 0
     checkpoint_every: int = 200
     resample_dead: bool = False
@@ -88,9 +89,12 @@ def harvest_for_training(model, corpus: Corpus, request: TrainRequest, store_dir
     if contexts.shape[0] < n_contexts and progress and (distributed is None or distributed.is_main):
         print(f"note: the corpus train split gave {contexts.shape[0]} contexts, fewer than the {n_contexts} "
               "asked for; training on all of it")
+    metadata = {"corpus": corpus.describe(), "seed": request.seed}
+    if request.harvest_autocast != "off":  # recorded, so a store is never resumed in another precision
+        metadata["autocast"] = request.harvest_autocast
     return harvest_activations(model, contexts, request.hooks, store_dir, dtype=request.store_dtype,
                                batch_size=request.harvest_batch_size, model_name=model_name_of(model),
-                               metadata={"corpus": corpus.describe(), "seed": request.seed}, progress=progress,
+                               metadata=metadata, progress=progress, autocast=request.harvest_autocast,
                                distributed=distributed)
 
 
