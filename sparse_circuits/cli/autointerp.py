@@ -23,7 +23,7 @@ ollama, hosted APIs; --base-url / OPENAI_BASE_URL, --api-key / OPENAI_API_KEY). 
 under --cache-dir, so a rerun costs nothing. A malformed response is recorded in the feature's row; an endpoint
 that does not answer after the retries stops the run before anything is written.
 
-Writes --out/explanations.jsonl, scores.csv (a row per feature), summary.csv (per basis: mean and 95% bootstrap
+Writes --out/explanations.jsonl, scores.csv (a row per feature), summary.csv (per basis: mean and a 95 percent bootstrap
 interval over features) and autointerp.json, all at once at the end; an earlier output at --out is replaced."""
 
 
@@ -36,7 +36,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--hook", help="hook point (default: the one dictionary in --sae)")
     parser.add_argument("--features", type=bounded_int(10_000, "features"), default=20,
                         help="features per basis, drawn at random (seeded) among those firing in enough contexts")
-    parser.add_argument("--feature-indices", help="explicit dictionary features instead, e.g. 0-9,512 (--sae only)")
+    parser.add_argument("--feature-indices", help="explicit dictionary features instead, e.g. 0-9,512 (--sae only; default: --features drawn at random)")
     parser.add_argument("--baseline", default="", help="comma-separated baseline bases to compare: neurons,pca,ica")
     parser.add_argument("--client", choices=["local", "http"], default="local", help="the model that explains")
     parser.add_argument("--client-model", help="local: a registry name or HF folder (default smollm2-135m); "
