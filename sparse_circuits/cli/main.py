@@ -9,6 +9,7 @@
   erase     concept erasure with dictionary features, compared with LEACE and projections
   probe     sparse probing of part-of-speech labels: SAE features vs neurons, PCA, ICA, random
   dashboard an offline feature dashboard site (index + a page per feature) for a dictionary or baseline
+  autointerp explain features with a model (local or OpenAI-compatible HTTP) and score the explanations
   demo      the main job end to end on defaults
 
 A user mistake (bad hook, missing file, mismatched widths) prints one `error:` line and exits 2.
@@ -19,11 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparse_circuits.cli import dashboard, demo, erase, evaluate, export, fetch, ioi, probe, trace, train
+from sparse_circuits.cli import autointerp, dashboard, demo, erase, evaluate, export, fetch, ioi, probe, trace, train
 from sparse_circuits.cli.common import HelpFormatter, positive_int
 from sparse_circuits.messages import cli_message
 
-SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, export, erase, probe, dashboard, demo)  # in the order --help lists them
+SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, export, erase, probe, dashboard, autointerp, demo)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
