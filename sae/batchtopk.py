@@ -17,15 +17,22 @@ from typing import Any
 import torch
 
 from sae.config import DictionaryConfig
-from sae.dictionary import SparseAutoencoder, TrainingLoss, TrainingState
+from sae.dictionary import DictionaryOutput, SparseAutoencoder, TrainingLoss, TrainingState
 from sae.topk import check_k, with_aux_k
 
 
 def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
     """[batch, d_sae] -> the same shape keeping the int(k * batch) largest ReLU'd entries of the batch."""
-    flat = torch.relu(pre).flatten()
-    top = flat.topk(int(k * pre.shape[0]), sorted=False)
-    return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(pre.shape)
+    rows, columns, values = batch_topk_entries(pre, k)
+    return torch.zeros_like(pre).index_put_((rows, columns), values)
+
+
+def batch_topk_entries(pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int(k * batch) largest ReLU'd entries of pre [batch, d_sae] as (rows, columns, values), each [n],
+    in row-major order (each token's entries are one run, as embedding_bag's offsets need)."""
+    top = torch.relu(pre).flatten().topk(int(k * pre.shape[0]), sorted=False)
+    flat_index, order = top.indices.sort()
+    return flat_index // pre.shape[1], flat_index % pre.shape[1], top.values[order]
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -42,11 +49,18 @@ class BatchTopKSAE(SparseAutoencoder):
     def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return self.activation(pre)  # at inference one global threshold: each code depends on its column alone
 
+    def forward(self, x: torch.Tensor) -> DictionaryOutput:
+        """encode, then decode from the active decoder rows alone (decode_active), not a dense matmul."""
+        codes = self.encode(x)
+        return DictionaryOutput(self.decode_active(codes), codes)
+
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         pre = self.pre_activations(x)
-        codes = batch_topk(pre, self.cfg.k)
-        residual, mse = self.reconstruction_terms(x, codes)
-        self._update_threshold(codes.detach())
+        rows, columns, values = batch_topk_entries(pre, self.cfg.k)
+        offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=x.device))
+        residual, mse = self.sparse_reconstruction_terms(x, columns, values, offsets)  # k rows per token on average
+        codes = torch.zeros_like(pre, requires_grad=False).index_put_((rows, columns), values.detach())
+        self._update_threshold(codes)
         return TrainingLoss(with_aux_k(self, pre, mse, residual, state), mse, codes, residual)
 
     @torch.no_grad()

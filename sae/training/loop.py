@@ -60,6 +60,8 @@ from sae.training.checkpoints import (CHECKPOINT_FOLDER, Trainee, latest_checkpo
 from sae.training.config import TrainingConfig
 from sae.training.control import controlled_coefficient, next_log_factor, steers
 from sae.training.initialisation import initial_decoder_bias, scale_initial_rows_
+from sae.training.precision import (autocast_region, check_autocast, new_grad_scaler, optimizer_step, scaled_loss,
+                                    to_training_device, unscale_gradients)
 from sae.training.resampling import resample_dead_features, resampling_generator
 
 LOG_FILE = "training_log.csv"
@@ -138,7 +140,7 @@ def _new_trainee(name: str, cfg: DictionaryConfig, training: TrainingConfig, dev
     sae = sae.to(device).train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=training.lr, betas=tuple(training.adam_betas))
     counters = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
-    return Trainee(name, cfg.hook_name, sae, optimizer, counters)
+    return Trainee(name, cfg.hook_name, sae, optimizer, counters, scaler=new_grad_scaler(training.autocast, device))
 
 
 def free_rows(training: TrainingConfig, sae: Dictionary) -> bool:
@@ -181,17 +183,19 @@ def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: Train
                           dead=trainee.tokens_since_fired >= training.dead_window_tokens,
                           aux_k_coefficient=training.aux_k_coefficient,
                           decoder_norms=None if unit else sae.W_dec.norm(dim=1))
-    out = sae.training_loss(x, state)
+    with autocast_region(training.autocast, x.device):  # fp32 master weights; see sae/training/precision.py
+        out = sae.training_loss(x, state)
     lr = training.learning_rate(step)
     for group in trainee.optimizer.param_groups:
         group["lr"] = lr
     trainee.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    scaled_loss(out.loss, trainee.scaler).backward()
+    unscale_gradients(trainee.optimizer, trainee.scaler)
     if unit:
         remove_parallel_decoder_gradient(sae.W_dec)
     if training.grad_clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
-    trainee.optimizer.step()
+    optimizer_step(trainee.optimizer, trainee.scaler)
     if unit:
         normalize_decoder_rows(sae.W_dec)
 
@@ -283,6 +287,7 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
     if stop_after_steps is not None and stop_after_steps < 1:
         raise ValueError(f"stop_after_steps must be at least 1, got {stop_after_steps}")
     out_dir, device = Path(out_dir), torch.device(device)
+    check_autocast(training.autocast, device)
     trainees = [_new_trainee(name, cfg, training, device) for name, cfg in zip(names, configs)]
     fingerprint = run_fingerprint(names, configs, training)
     hooks = list(dict.fromkeys(cfg.hook_name for cfg in configs))
@@ -301,7 +306,7 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
             raw = _next_batch(batches, hooks, step + 1)
             if step == 0:
                 scales = _initialise_from_first_batch(raw, trainees, device, training)
-            inputs = {hook: _training_rows(raw[hook], training).to(device, torch.float32) / scales[hook]
+            inputs = {hook: to_training_device(_training_rows(raw[hook], training), device) / scales[hook]
                       for hook in hooks}
             step = _step_all(trainees, inputs, step, training)
             if step % training.log_every == 0 or step == end_step:
