@@ -222,3 +222,28 @@ def test_sparse_decode_under_autocast_runs_in_its_dtype():
         dense = dictionary.decode(codes.float())  # the same codes decoded in fp32
     assert codes.dtype == torch.bfloat16 and reconstruction.dtype == torch.float32  # bf16 gather + fp32 bias
     assert torch.allclose(reconstruction, dense, atol=0.05, rtol=0.01)
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_refuses_fp16_on_cpu_before_loading_anything(tmp_path, capsys):
+    from sparse_circuits.cli.main import main
+
+    code = main(["train", "--model", "no-such-model", "--hook", HOOK, "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--autocast", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "--autocast bf16" in err and "Traceback" not in err
+
+
+def test_cli_trains_with_bf16_autocast(tiny_llama_folder, text_corpus, tmp_path):
+    from sparse_circuits.cli.main import main
+
+    code = main(["train", "--model", str(tiny_llama_folder), "--corpus", str(text_corpus), "--hook",
+                 "blocks.1.hook_resid_post", "--tokens", "1000", "--context-size", "16", "--batch-size", "128",
+                 "--epochs", "2", "--arch", "topk", "--k", "4", "--out", str(tmp_path), "--device", "cpu",
+                 "--autocast", "bf16"])
+    assert code == 0
+    dictionary = load_dictionary(tmp_path / "blocks.1.hook_resid_post")
+    assert dictionary.cfg.extra["training"]["autocast"] == "bf16"
+    assert {parameter.dtype for parameter in dictionary.parameters()} == {torch.float32}

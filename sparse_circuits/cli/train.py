@@ -55,6 +55,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     parser.add_argument("--seed", type=seed, default=0, help="seed for context sampling, initialisation and batches")
+    parser.add_argument("--autocast", choices=["bf16", "fp16", "off"], default="off",
+                        help="train the SAEs' forward and loss in bf16 or fp16 (float32 master weights and Adam; fp16 "
+                             "with a loss scaler, CUDA only: CPU autocast supports bf16 only)")
     parser.add_argument("--evaluate-tokens", type=nonnegative_int, default=0,
                         help="after training, evaluate on this many held-out tokens (0: skip)")
     return parser
@@ -79,6 +82,9 @@ def check_arguments(args) -> None:
     if args.target_l0 is not None and args.target_l0 > MAX_TARGET_L0:
         raise validation.InputError(f"--target-l0 {args.target_l0:g} is not a plausible L0 (active features per token, "
                                     "below the dictionary width); give a number such as 40")
+    if args.autocast == "fp16" and str(args.device).split(":")[0] == "cpu":
+        raise validation.InputError("--autocast fp16 needs a CUDA device, but --device is cpu (CPU autocast supports "
+                                    "bf16 only); give --autocast bf16 or off, or a --device cuda")
     validation.output_folder(args.out, "--out")
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
@@ -98,7 +104,7 @@ def run(args) -> None:
         epochs=args.epochs, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
         store_dtype=args.store_dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
         resample_dead=args.resample_dead, activations_dir=args.activations, target_l0=args.target_l0,
-        pilot_tokens=args.pilot_tokens)
+        pilot_tokens=args.pilot_tokens, autocast=None if args.autocast == "off" else args.autocast)
     corpus = load_corpus(args.corpus)
     model = load_model(args.model, device=args.device)
     validate_hooks(model, args.hook)
