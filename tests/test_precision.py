@@ -82,7 +82,8 @@ def assert_same_folders(out_dir: Path, reference_dir: Path, names: list[str]) ->
         ours, theirs = load_dictionary(out_dir / name), load_dictionary(reference_dir / name)
         for key, value in theirs.state_dict().items():
             assert torch.equal(ours.state_dict()[key], value), (name, key)
-        assert (out_dir / name / "training_log.csv").read_text() == (reference_dir / name / "training_log.csv").read_text()
+        log = f"{name}/training_log.csv"
+        assert (out_dir / log).read_text() == (reference_dir / log).read_text()
 
 
 def test_bf16_resume_is_exact(tmp_path, fp32_and_bf16):
