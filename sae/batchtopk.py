@@ -18,24 +18,36 @@ from typing import Any
 import torch
 
 from sae.config import DictionaryConfig
-from sae.dictionary import SparseAutoencoder, TrainingLoss, TrainingState
+from sae.dictionary import DictionaryOutput, SparseAutoencoder, TrainingLoss, TrainingState
 from sae.distributed import Distributed
 from sae.topk import check_k, with_aux_k
 
 
 def batch_topk(pre: torch.Tensor, k: float, distributed: Distributed | None = None) -> torch.Tensor:
-    """[batch, d_sae] -> the same shape keeping the int(k * batch) largest ReLU'd entries of the batch.
+    """[batch, d_sae] -> the same shape keeping the int(k * batch) largest ReLU'd entries of the batch."""
+    rows, columns, values = batch_topk_entries(pre, k, distributed)
+    return torch.zeros_like(pre).index_put_((rows, columns), values)
+
+
+def batch_topk_entries(pre: torch.Tensor, k: float, distributed: Distributed | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int(k * batch) largest ReLU'd entries of pre [batch, d_sae] as (rows, columns, values), each [n],
+    in row-major order (each token's entries are one run, as embedding_bag's offsets need).
 
     In a data-parallel run `pre` is one rank's share and the batch is every rank's: each rank offers its own
     largest entries, and all keep what reaches the whole batch's int(k * batch)-th largest value."""
     flat = torch.relu(pre).flatten()
     if distributed is None or not distributed.active:
         top = flat.topk(int(k * pre.shape[0]), sorted=False)
-        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(pre.shape)
-    keep = int(k * distributed.total(pre.shape[0]))
-    offered = distributed.gather_rows(flat.detach().topk(min(keep, flat.numel()), sorted=False).values)
-    threshold = offered.topk(keep, sorted=False).values.min()
-    return (flat * (flat >= threshold)).reshape(pre.shape)
+        flat_index, order = top.indices.sort()
+        values = top.values[order]
+    else:
+        keep = int(k * distributed.total(pre.shape[0]))
+        offered = distributed.gather_rows(flat.detach().topk(min(keep, flat.numel()), sorted=False).values)
+        threshold = offered.topk(keep, sorted=False).values.min()
+        flat_index = torch.nonzero(flat >= threshold).flatten()  # ascending: row-major
+        values = flat[flat_index]
+    return flat_index // pre.shape[1], flat_index % pre.shape[1], values
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -52,11 +64,18 @@ class BatchTopKSAE(SparseAutoencoder):
     def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return self.activation(pre)  # at inference one global threshold: each code depends on its column alone
 
+    def forward(self, x: torch.Tensor) -> DictionaryOutput:
+        """encode, then decode from the active decoder rows alone (decode_active), not a dense matmul."""
+        codes = self.encode(x)
+        return DictionaryOutput(self.decode_active(codes), codes)
+
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
         pre = self.pre_activations(x)
-        codes = batch_topk(pre, self.cfg.k, state.distributed)
-        residual, mse = self.reconstruction_terms(x, codes)
-        self._update_threshold(codes.detach(), state.distributed)
+        rows, columns, values = batch_topk_entries(pre, self.cfg.k, state.distributed)
+        offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=x.device))
+        residual, mse = self.sparse_reconstruction_terms(x, columns, values, offsets)  # k rows per token on average
+        codes = torch.zeros_like(pre, requires_grad=False).index_put_((rows, columns), values.detach())
+        self._update_threshold(codes, state.distributed)
         return TrainingLoss(with_aux_k(self, pre, mse, residual, state), mse, codes, residual)
 
     @torch.no_grad()

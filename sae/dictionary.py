@@ -117,6 +117,11 @@ def random_unit_rows(n_rows: int, width: int, seed: int) -> torch.Tensor:
     return rows / rows.norm(dim=1, keepdim=True)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast runs matmuls in on this device's type, or None outside an autocast region."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x @ weight + bias for x [..., n], in one fused matmul (no separate pass to add the bias)."""
     if x.dim() == 2:
@@ -209,9 +214,34 @@ class SparseAutoencoder(Dictionary):
         The decoder rows are gathered and summed (embedding_bag) instead of multiplying the mostly-zero code
         matrix: with a few percent of codes active this skips most of the decode and its two backward
         matmuls (the gradient to the codes is computed at the active entries only)."""
-        decoded = nn.functional.embedding_bag(columns, self.W_dec, offsets, per_sample_weights=values, mode="sum")
-        residual = x - (decoded + self.b_dec)
+        residual = x - (self.gathered_rows(columns, values, offsets) + self.b_dec)
         return residual, residual.pow(2).mean()
+
+    def gathered_rows(self, columns: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """[bags, d_in]: per token, the sum of `values` x decoder rows `columns` (layouts as in
+        sparse_reconstruction_terms); under autocast in its dtype, as the dense decode's matmul would be."""
+        weight, low = self.W_dec, autocast_dtype(values.device)
+        if low is not None:
+            weight, values = weight.to(low), values.to(low)
+        else:
+            values = values.to(weight.dtype)
+        return nn.functional.embedding_bag(columns, weight, offsets, per_sample_weights=values, mode="sum")
+
+    def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """[..., k] feature indices and their codes -> reconstruction [..., d_in]: `decode` of codes that are zero
+        elsewhere (TopK's), from the k decoder rows alone instead of a [..., d_sae] x [d_sae, d_in] matmul."""
+        flat = self.gathered_rows(indices.reshape(-1, indices.shape[-1]), values.reshape(-1, values.shape[-1]))
+        return (flat + self.b_dec).reshape(*indices.shape[:-1], self.d_in)
+
+    def decode_active(self, codes: torch.Tensor) -> torch.Tensor:
+        """`decode(codes)` [..., d_sae] -> [..., d_in] from the nonzero codes alone, any number per token: for codes
+        that are mostly zero (BatchTopK's, whose count varies per token)."""
+        flat = codes.reshape(-1, codes.shape[-1])
+        rows, columns = flat.nonzero(as_tuple=True)  # row-major: each token's entries are one run
+        offsets = torch.searchsorted(rows, torch.arange(flat.shape[0], device=flat.device))
+        decoded = self.gathered_rows(columns, flat[rows, columns], offsets) + self.b_dec
+        return decoded.reshape(*codes.shape[:-1], self.d_in)
 
     @classmethod
     def describe(cls, cfg: DictionaryConfig) -> str:

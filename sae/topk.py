@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sae.config import DictionaryConfig
-from sae.dictionary import SparseAutoencoder, TrainingLoss, TrainingState
+from sae.dictionary import DictionaryOutput, SparseAutoencoder, TrainingLoss, TrainingState
 from sae.distributed import Distributed
 from sae.relu import ReluSAE
 
@@ -75,6 +75,13 @@ class TopKSAE(ReluSAE):
         """[..., d_sae] -> the same shape with all but the k largest (ReLU'd) entries zeroed."""
         top = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+
+    def forward(self, x: torch.Tensor) -> DictionaryOutput:
+        """encode, then decode from the k active decoder rows per token (decode_sparse), not a dense matmul."""
+        top = self.pre_activations(x).topk(self.cfg.k, dim=-1, sorted=False)
+        values = torch.relu(top.values)
+        codes = torch.zeros(*x.shape[:-1], self.n_features, dtype=values.dtype, device=values.device)
+        return DictionaryOutput(self.decode_sparse(top.indices, values), codes.scatter_(-1, top.indices, values))
 
     def column_activation(self, pre: torch.Tensor, index: torch.Tensor) -> None:
         return None  # a code depends on every other pre-activation (is it among the k largest?)

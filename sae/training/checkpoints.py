@@ -1,6 +1,6 @@
-"""Checkpoints of a training run: parameters, buffers, Adam moments, dead-feature counters and logs,
-in safetensors, written atomically; the last two are kept. A resumed run equals an uninterrupted one
-bit for bit, since batch i of the source is the same whichever step started."""
+"""Checkpoints of a training run: parameters, buffers, Adam moments, dead-feature counters, logs and the fp16
+loss scaler's state, in safetensors and JSON, written atomically; the last two are kept. A resumed run equals an
+uninterrupted one bit for bit, since batch i of the source is the same whichever step started."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class Trainee:
     tokens_since_fired: torch.Tensor  # [d_sae] int64
     log_rows: list[dict[str, float]] = field(default_factory=list)
     log_sparsity_factor: float = 0.0  # the L0 controller's state (sae.training.control); 0: coefficient as set
+    scaler: torch.amp.GradScaler | None = None  # fp16 autocast's loss scaler (sae.training.precision); else None
 
 
 def run_fingerprint(names: list[str], configs: list[DictionaryConfig], training: TrainingConfig) -> dict[str, Any]:
@@ -47,6 +48,8 @@ def run_fingerprint(names: list[str], configs: list[DictionaryConfig], training:
     settings = dataclasses.asdict(training)
     for key in ("checkpoint_every", "log_every"):
         settings.pop(key)
+    if settings.get("autocast") is None:  # float32 runs: the same fingerprint as before the setting existed
+        settings.pop("autocast", None)
     return json.loads(json.dumps({"names": names, "configs": [cfg.to_dict() for cfg in configs],
                                   "training": settings}))
 
@@ -77,7 +80,9 @@ def write_checkpoint(out_dir: Path, step: int, scales: dict[str, float], trainee
         state = {"step": step, "tokens": step * batch_size, "scales": scales, "fingerprint": fingerprint,
                  "world_size": world_size,
                  "log_rows": {trainee.name: trainee.log_rows for trainee in trainees},
-                 "log_sparsity_factors": {trainee.name: trainee.log_sparsity_factor for trainee in trainees}}
+                 "log_sparsity_factors": {trainee.name: trainee.log_sparsity_factor for trainee in trainees},
+                 "grad_scalers": {trainee.name: trainee.scaler.state_dict() for trainee in trainees
+                                  if trainee.scaler is not None}}
         atomic_write_text(temporary / "state.json", json.dumps(state, indent=1))
         os.replace(temporary, final)
     except BaseException as error:
@@ -131,6 +136,8 @@ def restore_checkpoint(folder: Path, trainees: list[Trainee], fingerprint: dict[
         _load_trainee_state(trainee, tensors)
         trainee.log_rows = state["log_rows"][trainee.name]
         trainee.log_sparsity_factor = float(state.get("log_sparsity_factors", {}).get(trainee.name, 0.0))
+        if trainee.scaler is not None:  # fp16: the loss scale and its growth counter, so the resumed steps match
+            trainee.scaler.load_state_dict(state["grad_scalers"][trainee.name])
     return state["step"], state["scales"]
 
 

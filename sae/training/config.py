@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sae.finite import check_finite_number
 
 B_DEC_INITS = ("mean", "geometric_median", "zero")
+AUTOCAST_SETTINGS = ("bf16", "fp16")  # TrainingConfig.autocast (sae/training/precision.py)
 AUTO_DECODER_INIT_NORM = 0.1  # decoder_init_norm "auto" with free rows
 
 
@@ -45,6 +46,9 @@ class TrainingConfig:
     l0_control_gain: float = 0.03  # the controller's step, log coefficient per unit of log L0 error
     l0_control_start: float = 0.0  # fraction of the steps before the controller starts (it never starts before
     # the sparsity warm-up ends)
+    # Mixed precision of the SAE's forward and loss (sae/training/precision.py): "bf16", "fp16" (CUDA only, with a
+    # loss scaler) or None (float32). Master weights and Adam moments stay float32 either way.
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         check_finite_number("total_tokens", self.total_tokens)
@@ -79,6 +83,8 @@ class TrainingConfig:
         check_finite_number("l0_control_gain", self.l0_control_gain, minimum=0.0)
         if not 0.0 <= self.l0_control_start < 1.0:
             raise ValueError(f"l0_control_start must be in [0, 1), got {self.l0_control_start}")
+        if self.autocast is not None and self.autocast not in AUTOCAST_SETTINGS:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST_SETTINGS)} or None, got {self.autocast!r}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1 or None, got {self.checkpoint_every}")
 

@@ -62,6 +62,8 @@ from sae.training.control import controlled_coefficient, next_log_factor, steers
 from sae.training.guards import check_finite_step, next_batch, stopped_on_nonfinite
 from sae.training import parallel
 from sae.training.initialisation import initial_decoder_bias, scale_initial_rows_
+from sae.training.precision import (autocast_region, check_autocast, new_grad_scaler, optimizer_step, scaled_loss,
+                                    to_training_device, unscale_gradients)
 from sae.training.resampling import resample_dead_features, resampling_generator
 
 LOG_FILE = "training_log.csv"
@@ -140,7 +142,7 @@ def _new_trainee(name: str, cfg: DictionaryConfig, training: TrainingConfig, dev
     sae = sae.to(device).train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=training.lr, betas=tuple(training.adam_betas))
     counters = torch.zeros(cfg.d_sae, dtype=torch.int64, device=device)
-    return Trainee(name, cfg.hook_name, sae, optimizer, counters)
+    return Trainee(name, cfg.hook_name, sae, optimizer, counters, scaler=new_grad_scaler(training.autocast, device))
 
 
 def free_rows(training: TrainingConfig, sae: Dictionary) -> bool:
@@ -187,18 +189,20 @@ def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: Train
                           aux_k_coefficient=training.aux_k_coefficient,
                           decoder_norms=None if unit else sae.W_dec.norm(dim=1), batch_share=share,
                           distributed=distributed)
-    out = sae.training_loss(x, state)
+    with autocast_region(training.autocast, x.device):  # fp32 master weights; see sae/training/precision.py
+        out = sae.training_loss(x, state)
     lr = training.learning_rate(step)
     for group in trainee.optimizer.param_groups:
         group["lr"] = lr
     trainee.optimizer.zero_grad(set_to_none=True)
-    (out.loss * share if distributed.active else out.loss).backward()
-    distributed.sum_gradients_(sae.parameters())  # the whole batch's gradient on every rank
+    scaled_loss(out.loss * share if distributed.active else out.loss, trainee.scaler).backward()
+    distributed.sum_gradients_(sae.parameters())  # the whole batch's gradient on every rank (before unscaling,
+    unscale_gradients(trainee.optimizer, trainee.scaler)  # so an fp16 overflow on one rank skips the step on all)
     if unit:
         remove_parallel_decoder_gradient(sae.W_dec)
     if training.grad_clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
-    trainee.optimizer.step()
+    optimizer_step(trainee.optimizer, trainee.scaler)
     if unit:
         normalize_decoder_rows(sae.W_dec)
 
@@ -308,6 +312,7 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
     if stop_after_steps is not None and stop_after_steps < 1:
         raise ValueError(f"stop_after_steps must be at least 1, got {stop_after_steps}")
     out_dir, device = Path(out_dir), torch.device(device)
+    check_autocast(training.autocast, device)
     trainees = [_new_trainee(name, cfg, training, device) for name, cfg in zip(names, configs)]
     fingerprint = run_fingerprint(names, configs, training)
     hooks = list(dict.fromkeys(cfg.hook_name for cfg in configs))
@@ -329,7 +334,7 @@ def _train_in_locked_folder(source: BatchSource, configs: list[DictionaryConfig]
             if step == 0:
                 scales = _initialise_from_first_batch(parallel.whole_batch(raw, distributed), trainees, device,
                                                       training)
-            inputs = {hook: _training_rows(raw[hook], training, distributed).to(device, torch.float32) / scales[hook]
+            inputs = {hook: to_training_device(_training_rows(raw[hook], training, distributed), device) / scales[hook]
                       for hook in hooks}
             step = _step_all(trainees, inputs, step, training, distributed)
             if step % training.log_every == 0 or step == end_step:

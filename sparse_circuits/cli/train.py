@@ -67,12 +67,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "harvested with the same settings for these hooks and more is reused as it is")
     parser.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="dtype of the stored activations")
-    parser.add_argument("--autocast", choices=["off", "bf16", "fp16"], default="off",
-                        help="mixed precision for the model's forward while harvesting (torch.autocast; off: the "
-                             "model's own dtype, exact; bf16 suits CUDA GPUs from Ampere on)")
     parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     parser.add_argument("--seed", type=seed, default=0, help="seed for context sampling, initialisation and batches")
+    parser.add_argument("--autocast", choices=["bf16", "fp16", "off"], default="off",
+                        help="mixed precision (torch.autocast) for the model's forward while harvesting and the SAEs' "
+                             "forward and loss while training (float32 master weights and Adam; fp16 with a loss "
+                             "scaler, CUDA only: CPU autocast supports bf16 only); off: float32, exact")
     parser.add_argument("--evaluate-tokens", type=nonnegative_int, default=0,
                         help="after training, evaluate on this many held-out tokens (0: skip)")
     return parser
@@ -101,6 +102,9 @@ def check_arguments(args) -> None:
     if args.batch_size % world_size:
         raise validation.InputError(f"--batch-size {args.batch_size} does not divide among the {world_size} processes "
                                     f"torchrun started; give a multiple of {world_size}")
+    if args.autocast == "fp16" and str(args.device).split(":")[0] == "cpu":
+        raise validation.InputError("--autocast fp16 needs a CUDA device, but --device is cpu (CPU autocast supports "
+                                    "bf16 only); give --autocast bf16 or off, or a --device cuda")
     validation.output_folder(args.out, "--out")
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
@@ -121,7 +125,8 @@ def run(args) -> None:
         epochs=args.epochs, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
         store_dtype=args.store_dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
         resample_dead=args.resample_dead, activations_dir=args.activations, target_l0=args.target_l0,
-        pilot_tokens=args.pilot_tokens, harvest_autocast=args.autocast)
+        pilot_tokens=args.pilot_tokens, harvest_autocast=args.autocast,
+        autocast=None if args.autocast == "off" else args.autocast)
     corpus = load_corpus(args.corpus)
     distributed = Distributed.from_environment(resolve_device(args.device))
     try:

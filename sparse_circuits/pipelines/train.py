@@ -26,6 +26,7 @@ from sae.assets import atomic_write_text
 from sae.textfiles import read_json
 from sae.training import TrainingConfig, TrainResult, train_dictionaries
 from sae.training.calibration import calibrate_sparsity, default_pilot_tokens
+from sae.training.precision import check_autocast
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainRequest:
     activations_dir: Path | None = None  # the activation store; None: <out_dir>/activations
     target_l0: float | None = None  # calibrate alpha (or k) per hook to this L0 instead of using the settings above
     pilot_tokens: int | None = None  # tokens per calibration pilot; None: a quarter of the run (at least 2^18)
+    autocast: str | None = None  # "bf16" / "fp16" (CUDA): TrainingConfig.autocast; None: float32
 
     def dictionary_configs(self, d_in_of, model_name: str) -> list[DictionaryConfig]:
         """One config per (hook, sparsity setting: the coefficients or the k values, whichever the architecture
@@ -165,6 +167,8 @@ def train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir: str | 
 
 def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir: Path, progress: bool,
                            distributed: Distributed) -> list[TrainResult]:
+    device = next(model.parameters()).device  # the SAEs train where the model runs
+    check_autocast(request.autocast, device)  # before the harvest: fp16 on CPU is refused at once
     store_dir = Path(request.activations_dir) if request.activations_dir is not None else out_dir / "activations"
     progress = progress and distributed.is_main
     store = harvest_for_training(model, corpus, request, store_dir, progress, distributed)
@@ -173,7 +177,7 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
         seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
         resample_dead=request.resample_dead, resample_every=request.resample_every,
         lr_warmup_steps=min(100, max(1, int(0.05 * request.epochs * store.n_tokens / request.batch_size))),
-        dead_window_tokens=min(10_000_000, store.n_tokens),
+        dead_window_tokens=min(10_000_000, store.n_tokens), autocast=request.autocast,
     )
     if training.total_tokens < request.batch_size:
         raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "
@@ -181,18 +185,19 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
     configs = request.dictionary_configs(store.d_in, model_name_of(model))
     if request.target_l0 is not None:
         configs = calibrated_configs(store, configs, training, request, out_dir, progress=progress,
-                                     distributed=distributed)
+                                     distributed=distributed, device=device)
     for config in configs:
         config.extra["request"] = request_record(request, corpus)
-    return train_dictionaries(store, configs, training, out_dir, progress=progress, distributed=distributed)
+    return train_dictionaries(store, configs, training, out_dir, progress=progress, distributed=distributed,
+                              device=device)
 
 
 CALIBRATION_FILE = "calibration.json"
 
 
 def calibrated_configs(store, configs: list[DictionaryConfig], training: TrainingConfig, request: TrainRequest,
-                       out_dir: Path, *, progress: bool = True, distributed: Distributed | None = None
-                       ) -> list[DictionaryConfig]:
+                       out_dir: Path, *, progress: bool = True, distributed: Distributed | None = None,
+                       device="cpu") -> list[DictionaryConfig]:
     """One config per hook with its sparsity calibrated to `request.target_l0` (sae.training.calibration).
 
     The choice is kept in OUT/calibration.json (written atomically) and reused by a rerun with the same
@@ -212,7 +217,8 @@ def calibrated_configs(store, configs: list[DictionaryConfig], training: Trainin
         record = kept.get(key)
         if record is None:
             calibration = calibrate_sparsity(store, config, training, request.target_l0, out_dir / "calibration_pilots",
-                                             pilot_tokens=pilot_tokens, progress=progress, distributed=distributed)
+                                             pilot_tokens=pilot_tokens, progress=progress, distributed=distributed,
+                                             device=device)
             record = kept[key] = calibration.record()
             if distributed is None or distributed.is_main:
                 atomic_write_text(path, json.dumps(kept, indent=1))
