@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
+from sparse_circuits.cli.stream_options import add_stream_arguments, check_stream_arguments
 from sparse_circuits.defaults import ARCHITECTURES
 from sparse_circuits.validation import nonnegative_float, nonnegative_int, positive_float, seed
 
@@ -57,6 +58,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed, default=0, help="seed for context sampling, initialisation and batches")
     parser.add_argument("--evaluate-tokens", type=nonnegative_int, default=0,
                         help="after training, evaluate on this many held-out tokens (0: skip)")
+    add_stream_arguments(parser)
     return parser
 
 
@@ -83,6 +85,7 @@ def check_arguments(args) -> None:
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
     validation.corpus_spec(args.corpus)
+    check_stream_arguments(args)
 
 
 def run(args) -> None:
@@ -102,7 +105,13 @@ def run(args) -> None:
     corpus = load_corpus(args.corpus)
     model = load_model(args.model, device=args.device)
     validate_hooks(model, args.hook)
-    results = train_on_model(model, corpus, request, args.out)
+    if args.stream:
+        from sparse_circuits.pipelines.stream import stream_train_on_model
+
+        results = stream_train_on_model(model, corpus, request, args.out, buffer_tokens=args.buffer_tokens,
+                                        buffer_mb=args.buffer_mb)
+    else:
+        results = train_on_model(model, corpus, request, args.out)
     for result in results:
         metrics = result.metrics
         target = f" (target {args.target_l0:g})" if args.target_l0 is not None else ""
