@@ -147,12 +147,14 @@ class MixingBufferSource:
         total = plan.n_rows // size
         if total == 0:
             raise ValueError(f"batch size {batch_size} is larger than the {self.n_tokens} streamed tokens")
-        if not 0 <= start_batch < total:
-            raise StreamExhaustedError(self._exhausted(start_batch, total, batch_size))
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be at least 0, got {start_batch}")
         return self._batches(plan, hooks, size, start_batch, total, batch_size)
 
     def _batches(self, plan: RoundSchedule, hooks: list[str], size: int, start_batch: int, total: int,
                  batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        if start_batch >= total:  # raised when a batch is asked for: a run resumed at its last step asks none
+            raise StreamExhaustedError(self._exhausted(start_batch, total, batch_size))
         first_row = start_batch * size
         first_round = plan.round_of_row(first_row)
         first_local = max(0, first_round - plan.window + 1)

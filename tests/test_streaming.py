@@ -87,8 +87,9 @@ def test_the_stream_ends_with_a_clear_error():
     numbers_of(batches, steps)
     with pytest.raises(StreamExhaustedError, match="each token once"):
         next(batches)
+    past_the_end = source.batches(["a", "b"], 16, seed=0, start_batch=steps)  # a run resumed at its last step
     with pytest.raises(StreamExhaustedError):
-        source.batches(["a", "b"], 16, seed=0, start_batch=steps)
+        next(past_the_end)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -230,3 +231,48 @@ def test_buffer_flag_without_stream_is_an_error_line(tiny_llama_folder, text_cor
     argv = [value for value in stream_argv(tiny_llama_folder, text_corpus, tmp_path / "out") if value != "--stream"]
     assert main(argv) == 2
     assert "give --stream too" in capsys.readouterr().err
+
+
+def test_train_stream_killed_with_sigkill_resumes_bit_for_bit(tiny_llama_folder, text_corpus, tmp_path):
+    """A real kill -9 mid-run (after a checkpoint), then the same command: the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from sae.io import load_dictionary
+    from sparse_circuits.cli.main import main
+
+    def argv(out):
+        return [*stream_argv(tiny_llama_folder, text_corpus, out, "--checkpoint-every", "5")[:-2], "--buffer-tokens",
+                "1920", "--tokens", "8000"]  # later --tokens wins: 62 steps
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "sparse_circuits", *argv(killed)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed.glob("checkpoints/step_*/state.json")):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert list(killed.glob("checkpoints/step_*/state.json")) and not (killed / "blocks.1.hook_resid_post").exists()
+    assert main(argv(killed)) == 0
+    assert main(argv(tmp_path / "whole")) == 0
+    resumed = load_dictionary(killed / "blocks.1.hook_resid_post").state_dict()
+    whole = load_dictionary(tmp_path / "whole" / "blocks.1.hook_resid_post").state_dict()
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[key], whole[key]) for key in whole)
+
+
+def test_buffer_in_bytes_bounds_every_hook_together(tiny_llama, text_corpus):
+    from circuits.streaming import streaming_source
+    from sae.corpus import load_corpus
+
+    hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    source = streaming_source(tiny_llama, load_corpus(str(text_corpus)), hooks, 6000, context_size=16,
+                              buffer_bytes=64 * 1024, dtype="float32", progress=False)
+    assert 0.75 * 64 * 1024 < source.buffer_rows * (32 + 32) * 4 <= 64 * 1024
+    batch = next(source.batches(hooks, 128, seed=0))
+    assert source.peak_buffer_rows <= source.buffer_rows and set(batch) == set(hooks)
