@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
+from sparse_circuits.cli.stream_options import add_stream_arguments, check_stream_arguments
 from sparse_circuits.defaults import ARCHITECTURES
 from sparse_circuits.validation import nonnegative_float, nonnegative_int, positive_float, seed
 
@@ -76,6 +77,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "scaler, CUDA only: CPU autocast supports bf16 only); off: float32, exact")
     parser.add_argument("--evaluate-tokens", type=nonnegative_int, default=0,
                         help="after training, evaluate on this many held-out tokens (0: skip)")
+    add_stream_arguments(parser)
     return parser
 
 
@@ -99,6 +101,9 @@ def check_arguments(args) -> None:
         raise validation.InputError(f"--target-l0 {args.target_l0:g} is not a plausible L0 (active features per token, "
                                     "below the dictionary width); give a number such as 40")
     world_size = validation.launcher_world_size()
+    if args.stream and world_size > 1:
+        raise validation.InputError("--stream runs in one process for now (the streaming source can serve a rank's "
+                                    "share, but the pipeline does not split the stream yet); drop torchrun or --stream")
     if args.batch_size % world_size:
         raise validation.InputError(f"--batch-size {args.batch_size} does not divide among the {world_size} processes "
                                     f"torchrun started; give a multiple of {world_size}")
@@ -109,6 +114,7 @@ def check_arguments(args) -> None:
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
     validation.corpus_spec(args.corpus)
+    check_stream_arguments(args)
 
 
 def run(args) -> None:
@@ -132,7 +138,13 @@ def run(args) -> None:
     try:
         model = load_model(args.model, device=str(distributed.device(resolve_device(args.device))))
         validate_hooks(model, args.hook)
-        results = train_on_model(model, corpus, request, args.out, distributed=distributed)
+        if args.stream:
+            from sparse_circuits.pipelines.stream import stream_train_on_model
+
+            results = stream_train_on_model(model, corpus, request, args.out, buffer_tokens=args.buffer_tokens,
+                                            buffer_mb=args.buffer_mb)
+        else:
+            results = train_on_model(model, corpus, request, args.out, distributed=distributed)
     finally:
         distributed.close()
     if not distributed.is_main:
