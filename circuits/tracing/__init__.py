@@ -33,17 +33,24 @@ Two methods behind one interface (circuits.tracing.scoring)
   with gradient leaves at each dictionary hook, one backward per node. `direct_effects=True`
   detaches every attention pattern and norm scale between the layers, keeping direct paths only.
 
+- `ig_steps` N > 1 turns attribution into integrated gradients along the ablation path: the mean of
+  the gradients with every code at the scored hook removed 0, 1/N, ..., (N-1)/N of the way (N = 1 is
+  plain attribution; see circuits.tracing.scoring).
+
 Modules: targets, contexts, scoring, upstream, downstream (what a feature causes in later layers),
-checks (ablating found features, top versus random, method agreement), summary.
+checks (ablating found features, top versus random, method agreement), agreement (attribution against
+ablation over many targets and depths, and where attribution fails), summary.
 """
 
+from circuits.tracing.agreement import (AgreementStudy, agreement_study, agreement_table, compare_target,
+                                        find_failures, method_name, pick_targets, split_effect, study_arms)
 from circuits.tracing.checks import (AblationEffect, LayerAgreement, TopVersusRandom, ablate_features_effect,
                                      ablation_agreement, method_agreement, top_versus_random)
 from circuits.tracing.contexts import (TraceContexts, contexts_from_texts, find_target_contexts, length_buckets,
                                        pad_rows, pad_token_id, protect_passthrough)
 from circuits.tracing.downstream import downstream_effects, downstream_hooks, run_downstream_trace, trace_downstream
 from circuits.tracing.scoring import (AblationScorer, BucketedScorer, CleanRun, GradientScorer, LayerScores, Node,
-                                      clean_from_activations, clean_run, direct_effect_hooks)
+                                      clean_from_activations, clean_run, direct_effect_hooks, ig_points)
 from circuits.tracing.summary import relative_graph, summarize
 from circuits.tracing.targets import (FeatureTarget, LogitTarget, Target, encode_features, feature_sums, logit_target,
                                       parse_feature, target_from_graph, target_values)
@@ -51,13 +58,15 @@ from circuits.tracing.upstream import (METHODS, TraceResult, check_inputs, run_u
                                        trace_upstream, upstream_hooks)
 
 __all__ = [
+    "AgreementStudy", "agreement_study", "agreement_table", "compare_target", "find_failures", "method_name",
+    "pick_targets", "split_effect", "study_arms",
     "AblationEffect", "LayerAgreement", "TopVersusRandom", "ablate_features_effect", "ablation_agreement",
     "method_agreement", "top_versus_random",
     "TraceContexts", "contexts_from_texts", "find_target_contexts", "length_buckets", "pad_rows", "pad_token_id",
     "protect_passthrough",
     "downstream_effects", "downstream_hooks", "run_downstream_trace", "trace_downstream",
     "AblationScorer", "BucketedScorer", "CleanRun", "GradientScorer", "LayerScores", "Node", "clean_from_activations",
-    "clean_run", "direct_effect_hooks",
+    "clean_run", "direct_effect_hooks", "ig_points",
     "relative_graph", "summarize",
     "FeatureTarget", "LogitTarget", "Target", "encode_features", "feature_sums", "logit_target", "parse_feature",
     "target_from_graph", "target_values",

@@ -11,6 +11,13 @@ effect(source -> node) = value(clean) - value(source ablated). Two scorers behin
   gradient leaf at each dictionary hook (the clean run as well) and one backward per node; the
   scores come from `circuits.attribution.attribution_scores` with delta = the clean codes (removing
   a feature moves its codes to zero) and the error term x - reconstruction.
+  With `ig_steps` N > 1 (integrated gradients along the ablation path, as Marks et al.'s
+  feature-circuits do): the feature gradients at a hook are the mean over the N points t = 0, 1/N,
+  ..., (N-1)/N of the gradient with every code at that hook already removed a fraction t of the way
+  (activation = decode((1 - t) codes) + error at the editable positions): a left Riemann sum of the
+  path integral, so N = 1 is plain attribution exactly and N -> infinity gives, for a lone feature,
+  the ablation effect exactly. One extra forward per point and hook; the error node keeps the
+  clean-point gradient (the path moves the features, not the error).
 """
 
 from __future__ import annotations
@@ -154,6 +161,14 @@ class AblationScorer:
                 self.error_nodes[node] += float(node_drops[~is_feature, column].sum())
 
 
+def ig_points(steps: int) -> list[float]:
+    """The fractions of the removal at which integrated gradients take a gradient: 0, 1/N, ..., (N-1)/N
+    (0: the clean run, so one step is plain attribution)."""
+    if steps < 1:
+        raise ValueError(f"ig_steps must be at least 1 (1: plain attribution), got {steps}")
+    return [step / steps for step in range(steps)]
+
+
 def direct_effect_hooks(model, first_layer: int, last_layer: int, include_final: bool) -> list[str]:
     """Hooks whose values are detached for direct effects: every attention pattern (`*hook_pattern`)
     and norm scale (`*hook_scale`: ln1, ln2, q/k norms, post-norms, ...) the model has in blocks
@@ -171,13 +186,16 @@ def direct_effect_hooks(model, first_layer: int, last_layer: int, include_final:
 
 class GradientScorer:
     """Effects by attribution: activation x gradient, from one forward (which is also the clean run)
-    and one backward per node above a layer (batched)."""
+    and one backward per node above a layer (batched); with `ig_steps` > 1, integrated gradients along
+    the ablation path (see the module docstring)."""
 
     method = "attribution"
 
     def __init__(self, model, dictionaries: dict[str, Dictionary], target: Target, contexts: TraceContexts,
-                 hooks: list[str], *, direct_effects: bool = False):
-        self.dictionaries, self.target = dictionaries, target
+                 hooks: list[str], *, direct_effects: bool = False, ig_steps: int = 1):
+        self.points = ig_points(ig_steps)
+        self.model, self.dictionaries, self.target = model, dictionaries, target
+        self.stop = target_stop_layer(model, target)
         self.detached: list[str] = []
         if direct_effects:
             lowest = min(layer_of_hook(hook) for hook in hooks)
@@ -198,12 +216,13 @@ class GradientScorer:
         self._target_grads: dict[str, torch.Tensor] | None = None
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # hook -> (clean codes, error term)
 
-    def _scores(self, hook: str, grad: torch.Tensor | None) -> LayerScores:
-        """Each feature's code x (decoder row . grad) and the error's (x - reconstruction) . grad,
-        summed over the valid positions (zero where the node does not depend on this hook)."""
+    def _scores(self, hook: str, grads: list[torch.Tensor | None]) -> LayerScores:
+        """Each feature's code x (decoder row . mean gradient over the points) and the error's
+        (x - reconstruction) . clean gradient, summed over the valid positions (zero where the node does
+        not depend on this hook). grads: one per point of `self.points`, the clean point first."""
         dictionary = self.dictionaries[hook]
         evaluated = (self.clean.codes[hook] * self.contexts.valid[..., None]).sum(dim=(0, 1)) > 0
-        if grad is None:
+        if all(grad is None for grad in grads):
             return LayerScores(hook, self.method, torch.zeros(dictionary.n_features), evaluated, 0.0)
         with torch.no_grad():
             if hook not in self._deltas:  # both zero outside the valid positions, so no mask is needed below
@@ -212,7 +231,11 @@ class GradientScorer:
                 codes = self.clean.codes[hook].to(x) * valid
                 self._deltas[hook] = (codes, (x - dictionary.decode(codes)) * valid)
             codes, error = self._deltas[hook]
-            scores = attribution_scores(grad, codes, dictionary.feature_directions, delta_error=error)
+            grads = [torch.zeros_like(error) if grad is None else grad for grad in grads]
+            scores = attribution_scores(grads, codes, dictionary.feature_directions, delta_error=error)
+            if len(grads) > 1:  # the error's estimate stays at the clean point
+                scores.error = attribution_scores(grads[0], codes, dictionary.feature_directions,
+                                                  delta_error=error).error
         return LayerScores(hook, self.method, scores.features.float() * evaluated, evaluated, float(scores.error))
 
     def layer(self, hook: str, nodes_above: list[Node]) -> tuple[LayerScores, dict[Node, LayerScores]]:
@@ -221,20 +244,46 @@ class GradientScorer:
             grads = torch.autograd.grad(self.target_value, [self.leaves[name] for name in names],
                                         retain_graph=True, allow_unused=True)
             self._target_grads = dict(zip(names, grads))
-        target_scores = self._scores(hook, self._target_grads[hook])
-        node_scores = {}
+        target_grads = [self._target_grads[hook]]
+        node_grads = dict(zip(nodes_above, self._node_grads(self.spliced, self.leaves[hook], nodes_above)))
+        node_grads = {node: [grad] for node, grad in node_grads.items()}
+        for point in self.points[1:]:
+            target_grad, grads = self._gradients_at(hook, point, nodes_above)
+            target_grads.append(target_grad)
+            for node in nodes_above:
+                node_grads[node].append(grads[node])
+        return self._scores(hook, target_grads), {node: self._scores(hook, node_grads[node]) for node in nodes_above}
+
+    def _node_grads(self, activations: dict[str, torch.Tensor], leaf: torch.Tensor,
+                    nodes_above: list[Node]) -> list[torch.Tensor | None]:
+        """d value(node) / d leaf for each node above (its code summed over the valid positions, mean over
+        contexts, read off `activations`), one backward each (batching them with vmap is slower on CPU)."""
+        grads = {}
         for above in sorted({node.hook for node in nodes_above}):
             nodes = [node for node in nodes_above if node.hook == above]
-            codes = encode_features(self.dictionaries[above], self.spliced[above], [node.index for node in nodes])
+            codes = encode_features(self.dictionaries[above], activations[above], [node.index for node in nodes])
             values = (codes * self.valid[..., None]).sum(dim=(0, 1)) / len(self.contexts)  # [k]
-            for node, grad in zip(nodes, self._node_grads(values, hook)):
-                node_scores[node] = self._scores(hook, grad)
-        return target_scores, node_scores
+            for node, value in zip(nodes, values):
+                grads[node] = torch.autograd.grad(value, [leaf], retain_graph=True, allow_unused=True)[0]
+        return [grads[node] for node in nodes_above]
 
-    def _node_grads(self, values: torch.Tensor, hook: str) -> list[torch.Tensor | None]:
-        """d values[k] / d leaf at `hook`, one backward each (batching them with vmap is slower on CPU)."""
-        leaf = self.leaves[hook]
-        return [torch.autograd.grad(value, [leaf], retain_graph=True, allow_unused=True)[0] for value in values]
+    def _gradients_at(self, hook: str, point: float, nodes_above: list[Node]):
+        """(d target / d activation at `hook`, {node: d node / d activation}) with every code at `hook`
+        removed the fraction `point` of the way (one forward from the embedding)."""
+        dictionary = self.dictionaries[hook]
+        removal = FeatureAblation(dictionary, torch.full((dictionary.n_features,), float(point)),
+                                  positions=self.valid)
+        above_hooks = sorted({node.hook for node in nodes_above})
+        with torch.enable_grad():
+            run = run_with_edits(self.model, self.contexts.tokens, {hook: removal},
+                                 record=above_hooks + target_hooks(self.target), leaves=[hook], detach=self.detached,
+                                 stop_at_layer=self.stop)
+            leaf = run.leaves[hook]
+            value = target_values(self.target, self.dictionaries, run.output, run.recorded,
+                                  self.contexts.measure).mean()
+            (target_grad,) = torch.autograd.grad(value, [leaf], retain_graph=True, allow_unused=True)
+            grads = self._node_grads(run.recorded, leaf, nodes_above)
+        return target_grad, dict(zip(nodes_above, grads))
 
 
 class BucketedScorer:
@@ -244,11 +293,11 @@ class BucketedScorer:
     method = "attribution"
 
     def __init__(self, model, dictionaries: dict[str, Dictionary], target: Target, contexts: TraceContexts,
-                 hooks: list[str], *, direct_effects: bool = False, max_buckets: int = 3):
+                 hooks: list[str], *, direct_effects: bool = False, ig_steps: int = 1, max_buckets: int = 3):
         self.buckets = length_buckets(contexts.lengths, max_buckets)
         self.weights = [len(bucket) / len(contexts) for bucket in self.buckets]
         self.scorers = [GradientScorer(model, dictionaries, target, contexts.subset(bucket), hooks,
-                                       direct_effects=direct_effects) for bucket in self.buckets]
+                                       direct_effects=direct_effects, ig_steps=ig_steps) for bucket in self.buckets]
         self.detached = self.scorers[0].detached
         self.clean = self._merged_clean(contexts)
 

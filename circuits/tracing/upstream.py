@@ -82,13 +82,15 @@ def upstream_hooks(dictionaries: dict[str, Dictionary], target: Target, depth: i
 
 def run_upstream_trace(model, dictionaries: dict[str, Dictionary], target: Target, contexts: TraceContexts, *,
                        method: str = "attribution", depth: int | None = 2, top_k_per_layer: int = 10,
-                       include_error: bool = True, direct_effects: bool = False, max_candidates: int | None = None,
-                       batch_size: int = 32, scan: FeatureScan | None = None, progress: bool = True) -> TraceResult:
+                       include_error: bool = True, direct_effects: bool = False, ig_steps: int = 1,
+                       max_candidates: int | None = None, batch_size: int = 32, scan: FeatureScan | None = None,
+                       progress: bool = True) -> TraceResult:
     """Trace the target's upstream features (see circuits.tracing); the full result.
 
     depth: dictionary layers to go back (None: all); top_k_per_layer: features kept per layer (by
     |effect on the target|); include_error: add each layer's error node; direct_effects: attribution
-    only, detach attention patterns and norm scales; max_candidates: ablation only, try at most this
+    only, detach attention patterns and norm scales; ig_steps: attribution only, integrated gradients
+    over this many points of the ablation path (1: plain attribution; circuits.tracing.scoring); max_candidates: ablation only, try at most this
     many features per layer (those with the most activation); batch_size: ablation rows per forward;
     scan: a FeatureScan to describe the nodes with (top tokens, contexts). Positions the engine passes
     through at any traced hook (BOS, massive activations) are never edited nor measured.
@@ -98,6 +100,8 @@ def run_upstream_trace(model, dictionaries: dict[str, Dictionary], target: Targe
         raise ValueError(f"top_k_per_layer must be at least 1, got {top_k_per_layer}")
     if direct_effects and method == "ablation":
         raise ValueError("direct_effects applies to the attribution method only; drop it or use method='attribution'")
+    if ig_steps != 1 and method == "ablation":
+        raise ValueError(f"ig_steps={ig_steps} applies to the attribution method only; ablation is exact already")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     hooks = upstream_hooks(dictionaries, target, depth)
@@ -107,12 +111,14 @@ def run_upstream_trace(model, dictionaries: dict[str, Dictionary], target: Targe
         scorer = AblationScorer(model, dictionaries, target, clean, batch_size=batch_size,
                                 max_candidates=max_candidates, progress=progress)
     else:
-        scorer = BucketedScorer(model, dictionaries, target, contexts, hooks, direct_effects=direct_effects)
+        scorer = BucketedScorer(model, dictionaries, target, contexts, hooks, direct_effects=direct_effects,
+                                ig_steps=ig_steps)
         clean = scorer.clean
         timings["forward with leaves"] = time.perf_counter() - started
     contexts = clean.contexts
     graph = _new_graph(model, target, clean, method=method, hooks=hooks, top_k=top_k_per_layer,
                        direct_effects=direct_effects)
+    graph.graph["ig_steps"] = ig_steps
     above: list[Node] = []
     scores: dict[str, LayerScores] = {}
     for hook in hooks:

@@ -5,6 +5,7 @@
   evaluate  measure saved dictionaries on held-out text (L0, FVU, CE loss recovered, KL)
   ioi       the IOI feature-patching benchmark: SAE features vs PCA, ICA, neurons, random, dense
   trace     trace a feature's upstream features into a graph (attribution or ablation)
+  trace-agreement  attribution against ablation over many targets, depths and a skipped layer
   export    write a traced graph as SVG, PNG, DOT, GraphML, HTML or JSON
   erase     concept erasure with dictionary features, compared with LEACE and projections
   probe     sparse probing of part-of-speech labels: SAE features vs neurons, PCA, ICA, random
@@ -20,11 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparse_circuits.cli import autointerp, dashboard, demo, erase, evaluate, export, fetch, ioi, probe, trace, train
+from sparse_circuits.cli import (autointerp, dashboard, demo, erase, evaluate, export, fetch, ioi, probe, trace,
+                                 trace_agreement, train)
 from sparse_circuits.cli.common import HelpFormatter, positive_int
 from sparse_circuits.messages import cli_message
 
-SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, export, erase, probe, dashboard, autointerp, demo)  # in the order --help lists them
+SUBCOMMANDS = (fetch, train, evaluate, ioi, trace, trace_agreement, export, erase, probe, dashboard, autointerp,
+               demo)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

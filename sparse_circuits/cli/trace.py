@@ -42,6 +42,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--context-size", type=positive_int, default=64, help="tokens per scanned context")
     parser.add_argument("--direct", action="store_true",
                         help="attribution only: stop gradients at attention patterns and norm scales (direct effects)")
+    parser.add_argument("--ig-steps", type=positive_int, default=1,
+                        help="attribution only: integrated gradients over N points of the ablation path (every code "
+                             "at the scored hook scaled by 1, 1-1/N, ..., 1/N); 1 is plain activation x gradient")
     parser.add_argument("--max-candidates", type=positive_int,
                         help="ablation only: ablate at most this many features per layer, most active first "
                              "(default: all)")
@@ -61,6 +64,8 @@ def check_arguments(args) -> None:
     """Targets, paths, dictionary files, contexts and corpus, before torch is imported or the model loads."""
     from sparse_circuits import validation
 
+    if args.ig_steps != 1 and args.method == "ablation":
+        raise validation.InputError("--ig-steps applies to --method attribution only (ablation is exact)")
     if args.logit_other and not args.logit:
         raise validation.InputError("--logit-other needs --logit")
     if args.logit and not args.contexts:
@@ -96,6 +101,8 @@ def run(args) -> None:
     dictionaries = load_dictionaries(args.saes, device=device)  # before the model: fail fast on bad files
     model = load_model(args.model, device=device)
     options = {"direct_effects": args.direct, "max_candidates": args.max_candidates}
+    if args.method == "attribution":
+        options["ig_steps"] = args.ig_steps
     if args.logit:
         result = trace_logit(model, dictionaries, args.logit, args.logit_other, texts, method=args.method,
                              depth=args.depth, top_k_per_layer=args.top_k, **options)
