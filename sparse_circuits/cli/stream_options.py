@@ -21,7 +21,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                             "4,096 then mixes tokens of about 8,000 contexts; 1.2 GB per hook at d_model 576 in float16)")
     bound.add_argument("--buffer-mb", type=positive_float, default=None, metavar="MB",
                        help="with --stream: the buffer as megabytes of activations (all hooks, in --store-dtype) "
-                            "instead of tokens")
+                            "instead of tokens (default: off, --buffer-tokens bounds it)")
 
 
 def check_stream_arguments(args) -> None:
