@@ -239,7 +239,6 @@ def test_train_stream_killed_with_sigkill_resumes_bit_for_bit(tiny_llama_folder,
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from sae.io import load_dictionary
@@ -251,13 +250,23 @@ def test_train_stream_killed_with_sigkill_resumes_bit_for_bit(tiny_llama_folder,
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "sparse_circuits", *argv(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(killed.glob("checkpoints/step_*/state.json")):
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    # The process kills itself with SIGKILL right after its checkpoint at step 10 (a deterministic moment: the
+    # tiny run is too fast to kill from outside after its first checkpoint reliably).
+    kill_after_step_10 = (
+        "import os, signal, sys\n"
+        "import sae.training.loop as loop\n"
+        "original = loop.write_checkpoint\n"
+        "def write_then_die(*args, **kwargs):\n"
+        "    path = original(*args, **kwargs)\n"
+        "    if args[1] >= 10:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return path\n"
+        "loop.write_checkpoint = write_then_die\n"
+        "from sparse_circuits.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.run([sys.executable, "-c", kill_after_step_10, *argv(killed)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert process.returncode == -signal.SIGKILL
     assert list(killed.glob("checkpoints/step_*/state.json")) and not (killed / "blocks.1.hook_resid_post").exists()
     assert main(argv(killed)) == 0
     assert main(argv(tmp_path / "whole")) == 0
