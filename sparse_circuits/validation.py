@@ -255,6 +255,20 @@ def dictionary_folders(folder: Path, flag: str = "--sae") -> dict[Path, dict]:
     return configs
 
 
+def dictionary_config_at_hook(folder: Path, hook: str | None, flag: str = "--sae") -> dict:
+    """The cfg.json of the dictionary at `hook` under `folder` (any hook when `hook` is None and the folder
+    holds one hook); InputError when it holds several and none is chosen, or none at `hook`."""
+    configs = dictionary_folders(folder, flag)
+    hooks = {(cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")): cfg for cfg in configs.values()}
+    if hook is None and len(hooks) > 1:
+        raise InputError(f"{flag} {folder} holds dictionaries at {len(hooks)} hooks "
+                         f"({', '.join(sorted(map(str, hooks)))}); choose one with --hook")
+    if hook is not None and hook not in hooks:
+        raise InputError(f"--hook {hook}: {flag} {folder} has no dictionary there; it holds "
+                         f"{', '.join(sorted(map(str, hooks)))}")
+    return hooks[hook] if hook is not None else next(iter(hooks.values()))
+
+
 def feature_target(spec: str, configs: dict[Path, dict]) -> None:
     """A --feature HOOK:INDEX (or auto, HOOK:auto) whose hook has a dictionary and whose index is in range."""
     hook, _, index = spec.rpartition(":")

@@ -79,16 +79,9 @@ def check_arguments(args) -> None:
 
     baselines(args.baseline)
     validation.hook_names([args.hook] if args.hook else [])
-    configs = validation.dictionary_folders(args.sae, "--sae")
-    hooks = {(cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")): cfg for cfg in configs.values()}
-    if args.hook is None and len(hooks) > 1:
-        raise validation.InputError(f"--sae {args.sae} holds dictionaries at {len(hooks)} hooks "
-                                    f"({', '.join(sorted(map(str, hooks)))}); choose one with --hook")
-    if args.hook is not None and args.hook not in hooks:
-        raise validation.InputError(f"--hook {args.hook}: --sae {args.sae} has no dictionary there; it holds "
-                                    f"{', '.join(sorted(map(str, hooks)))}")
+    config = validation.dictionary_config_at_hook(args.sae, args.hook)
     if args.feature_indices is not None:
-        n_features = (hooks[args.hook] if args.hook else next(iter(hooks.values())))["d_sae"]
+        n_features = config["d_sae"]
         if validation.feature_selection(args.feature_indices, n_features, "--feature-indices") in (None, "auto"):
             raise validation.InputError("--feature-indices takes indices and ranges such as 0-9,512")
     if args.context_size < BEFORE_AND_AFTER + 2:

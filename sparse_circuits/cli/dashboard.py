@@ -52,15 +52,7 @@ def check_arguments(args) -> None:
         raise validation.InputError("--context-size must be at least 2 (BOS + one token)")
     n_features = None
     if args.sae is not None:
-        configs = validation.dictionary_folders(args.sae, "--sae")
-        hooks = {(cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")): cfg for cfg in configs.values()}
-        if args.hook is None and len(hooks) > 1:
-            raise validation.InputError(f"--sae {args.sae} holds dictionaries at {len(hooks)} hooks "
-                                        f"({', '.join(sorted(map(str, hooks)))}); choose one with --hook")
-        if args.hook is not None and args.hook not in hooks:
-            raise validation.InputError(f"--hook {args.hook}: --sae {args.sae} has no dictionary there; it holds "
-                                        f"{', '.join(sorted(map(str, hooks)))}")
-        n_features = (hooks[args.hook] if args.hook else next(iter(hooks.values())))["d_sae"]
+        n_features = validation.dictionary_config_at_hook(args.sae, args.hook)["d_sae"]
     validation.feature_selection(args.features, n_features)  # baselines: width checked once the model is loaded
     validation.dashboard_site_folder(args.out)
     validation.corpus_spec(args.corpus)

@@ -17,8 +17,8 @@ from sae.activation_store import DTYPES
 from sae.corpus import Corpus
 from sae.locking import folder_lock
 from sae.registry import architecture_class
-from sae.training import TrainingConfig, TrainResult, train_dictionaries
-from sparse_circuits.pipelines.train import TrainRequest, calibrated_configs, request_record
+from sae.training import TrainResult, train_dictionaries
+from sparse_circuits.pipelines.train import TrainRequest, calibrated_configs, request_record, training_schedule
 
 MEGABYTE = 1 << 20
 
@@ -62,7 +62,7 @@ def stream_train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir:
                              "ask for more --tokens or a smaller --batch-size")
         if progress:
             print(describe_buffer(source, request.store_dtype))
-        training = stream_training_config(request, steps * request.batch_size)
+        training = training_schedule(request, steps * request.batch_size)  # one epoch (checked)
         configs = request.dictionary_configs(source.d_in, model_name_of(model))
         if request.target_l0 is not None:  # k architectures only (check_stream_request): k = target, no pilots
             configs = calibrated_configs(source, configs, training, request, Path(out_dir), progress=progress)
@@ -73,16 +73,6 @@ def stream_train_on_model(model, corpus: Corpus, request: TrainRequest, out_dir:
             config.extra["request"] = record
         return train_dictionaries(source, configs, training, out_dir, progress=progress,
                                   stop_after_steps=stop_after_steps)
-
-
-def stream_training_config(request: TrainRequest, total_tokens: int) -> TrainingConfig:
-    """The schedule `pipelines.train` uses for a stored harvest of `total_tokens` (one epoch)."""
-    return TrainingConfig(
-        total_tokens=total_tokens, batch_size=request.batch_size, lr=request.lr, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, log_every=25, resample_dead=request.resample_dead,
-        resample_every=request.resample_every,
-        lr_warmup_steps=min(100, max(1, int(0.05 * total_tokens / request.batch_size))),
-        dead_window_tokens=min(10_000_000, total_tokens))
 
 
 def describe_buffer(source, dtype: str) -> str:

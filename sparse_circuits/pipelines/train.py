@@ -172,13 +172,7 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
     store_dir = Path(request.activations_dir) if request.activations_dir is not None else out_dir / "activations"
     progress = progress and distributed.is_main
     store = harvest_for_training(model, corpus, request, store_dir, progress, distributed)
-    training = TrainingConfig(
-        total_tokens=int(request.epochs * store.n_tokens), batch_size=request.batch_size, lr=request.lr,
-        seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
-        resample_dead=request.resample_dead, resample_every=request.resample_every,
-        lr_warmup_steps=min(100, max(1, int(0.05 * request.epochs * store.n_tokens / request.batch_size))),
-        dead_window_tokens=min(10_000_000, store.n_tokens), autocast=request.autocast,
-    )
+    training = training_schedule(request, store.n_tokens)
     if training.total_tokens < request.batch_size:
         raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "
                          f"{request.batch_size}; ask for more --tokens or a smaller --batch-size")
@@ -190,6 +184,18 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
         config.extra["request"] = request_record(request, corpus)
     return train_dictionaries(store, configs, training, out_dir, progress=progress, distributed=distributed,
                               device=device)
+
+
+def training_schedule(request: TrainRequest, harvested_tokens: int) -> TrainingConfig:
+    """How `request` trains on `harvested_tokens` unique tokens (request.epochs passes over them): the one
+    schedule of `train`, from a store or a stream."""
+    return TrainingConfig(
+        total_tokens=int(request.epochs * harvested_tokens), batch_size=request.batch_size, lr=request.lr,
+        seed=request.seed, checkpoint_every=request.checkpoint_every, log_every=25,
+        resample_dead=request.resample_dead, resample_every=request.resample_every,
+        lr_warmup_steps=min(100, max(1, int(0.05 * request.epochs * harvested_tokens / request.batch_size))),
+        dead_window_tokens=min(10_000_000, harvested_tokens), autocast=request.autocast,
+    )
 
 
 CALIBRATION_FILE = "calibration.json"
