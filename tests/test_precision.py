@@ -248,3 +248,25 @@ def test_cli_trains_with_bf16_autocast(tiny_llama_folder, text_corpus, tmp_path)
     dictionary = load_dictionary(tmp_path / "blocks.1.hook_resid_post")
     assert dictionary.cfg.extra["training"]["autocast"] == "bf16"
     assert {parameter.dtype for parameter in dictionary.parameters()} == {torch.float32}
+
+
+def test_cli_refuses_fp16_harvest_on_cpu(tmp_path, capsys):
+    from sparse_circuits.cli.main import main
+
+    code = main(["train", "--model", "no-such-model", "--hook", HOOK, "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--harvest-autocast", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--harvest-autocast fp16 needs a CUDA device" in err and "Traceback" not in err
+
+
+def test_cli_harvests_in_bf16_and_trains_in_float32(tiny_llama_folder, text_corpus, tmp_path):
+    from sae.activation_store import ActivationStore
+    from sparse_circuits.cli.main import main
+
+    code = main(["train", "--model", str(tiny_llama_folder), "--corpus", str(text_corpus), "--hook",
+                 "blocks.1.hook_resid_post", "--tokens", "1000", "--context-size", "16", "--batch-size", "128",
+                 "--arch", "topk", "--k", "4", "--out", str(tmp_path), "--device", "cpu", "--harvest-autocast", "bf16"])
+    assert code == 0
+    assert ActivationStore(tmp_path / "activations").manifest["metadata"]["autocast"] == "bf16"
+    dictionary = load_dictionary(tmp_path / "blocks.1.hook_resid_post")
+    assert dictionary.cfg.extra["training"]["autocast"] is None

@@ -75,6 +75,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="mixed precision (torch.autocast) for the model's forward while harvesting and the SAEs' "
                              "forward and loss while training (float32 master weights and Adam; fp16 with a loss "
                              "scaler, CUDA only: CPU autocast supports bf16 only); off: float32, exact")
+    parser.add_argument("--harvest-autocast", choices=["bf16", "fp16", "off"], default=None,
+                        help="the harvest's precision alone, when it should differ from --autocast (default: as "
+                             "--autocast); e.g. bf16 on a CPU with bfloat16 matrix units (AMX), which harvests about "
+                             "2x faster, while training stays float32")
     parser.add_argument("--evaluate-tokens", type=nonnegative_int, default=0,
                         help="after training, evaluate on this many held-out tokens (0: skip)")
     add_stream_arguments(parser)
@@ -107,9 +111,10 @@ def check_arguments(args) -> None:
     if args.batch_size % world_size:
         raise validation.InputError(f"--batch-size {args.batch_size} does not divide among the {world_size} processes "
                                     f"torchrun started; give a multiple of {world_size}")
-    if args.autocast == "fp16" and str(args.device).split(":")[0] == "cpu":
-        raise validation.InputError("--autocast fp16 needs a CUDA device, but --device is cpu (CPU autocast supports "
-                                    "bf16 only); give --autocast bf16 or off, or a --device cuda")
+    for flag, value in (("--autocast", args.autocast), ("--harvest-autocast", args.harvest_autocast)):
+        if value == "fp16" and str(args.device).split(":")[0] == "cpu":
+            raise validation.InputError(f"{flag} fp16 needs a CUDA device, but --device is cpu (CPU autocast supports "
+                                        f"bf16 only); give {flag} bf16 or off, or a --device cuda")
     validation.output_folder(args.out, "--out")
     validation.output_folder(args.activations, "--activations")
     validation.hook_names(args.hook)
@@ -131,7 +136,7 @@ def run(args) -> None:
         epochs=args.epochs, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
         store_dtype=args.store_dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
         resample_dead=args.resample_dead, activations_dir=args.activations, target_l0=args.target_l0,
-        pilot_tokens=args.pilot_tokens, harvest_autocast=args.autocast,
+        pilot_tokens=args.pilot_tokens, harvest_autocast=args.harvest_autocast or args.autocast,
         autocast=None if args.autocast == "off" else args.autocast)
     corpus = load_corpus(args.corpus)
     distributed = Distributed.from_environment(resolve_device(args.device))
