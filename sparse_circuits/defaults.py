@@ -20,9 +20,12 @@ IOI_TRAIN_EPOCHS = 16
 PROBE_BASELINES = ("neurons", "pca", "ica", "random")  # = tasks.probing.PROBE_BASELINES
 PROBE_KS = (1, 2, 4, 8, 16)  # = tasks.probing.DEFAULT_KS
 
-ERASE_METHODS = ("sae_attribution", "sae_activation", "sae_random", "random_dictionary", "leace", "mean_projection",
-                 "leace_all_positions", "mean_projection_all_positions")  # = tasks.erasure.METHODS
+ERASE_METHODS = ("sae_attribution", "sae_activation", "sae_random", "random_dictionary", "leace",
+                 "mean_projection")  # = tasks.erasure.METHODS
 ERASE_KS = (1, 2, 4, 8, 16, 32)  # = tasks.erasure.DEFAULT_KS
+ERASE_POSITIONS = ("name", "final", "all")  # = tasks.erasure.SETTINGS
+ERASE_STRENGTHS = (0.25, 0.5, 1.0)  # = tasks.erasure.DEFAULT_STRENGTHS
+ERASE_REMOVAL_LEVELS = (0.25, 0.5, 0.75, 0.9)  # = tasks.erasure.DEFAULT_REMOVAL_LEVELS
 
 # The training recipe (issue 14; sae.training.TrainingConfig): untied ReLU and TopK SAEs train with free decoder
 # rows started at this norm (SAELens' recipe, better FVU at equal L0: results/saelens/ablation.md); tied SAEs keep

@@ -30,7 +30,8 @@ DEMO_EVAL_TOKENS = 6_000
 DEMO_IOI_PROMPTS = 24
 DEMO_IOI_BASELINES = ("pca", "neurons", "dense")
 DEMO_ERASE_KS = (1, 4, 16)
-DEMO_ERASE_METHODS = ("sae_attribution", "sae_random", "leace", "mean_projection", "mean_projection_all_positions")
+DEMO_ERASE_METHODS = ("sae_attribution", "sae_random", "leace", "mean_projection")
+DEMO_ERASE_STRENGTHS = (0.5, 1.0)  # every position setting (name, final, all) is run
 
 
 def _banner(step: int, total: int, text: str) -> None:
@@ -170,15 +171,16 @@ def _erase_step(model, dictionaries: dict, out: Path) -> dict[str, str]:
     from tasks.erasure import gender_concept, run_erasure
 
     _banner(6, 6, "erasing the gender concept: SAE features vs LEACE vs mean projections")
-    if (out / "erasure.csv").exists():
+    if (out / "erasure.csv").exists() and (out / "erasure_equal_removal.csv").exists():  # an older table is redone
         import pandas as pd
 
         from tasks.erasure import format_erasure_table
 
         print("  reusing the erasure table of an earlier run")
-        print(format_erasure_table(pd.read_csv(out / "erasure.csv")))
-        return {"erasure table": str(out / "erasure.csv"), "erasure plot": str(out / "erasure.png")}
+        print(format_erasure_table(pd.read_csv(out / "erasure_equal_removal.csv")))
+        return {"erasure table": str(out / "erasure.csv"), "erasure at equal removal":
+                str(out / "erasure_equal_removal.csv"), "erasure plot": str(out / "erasure.png")}
     sae = list(dictionaries.values())[-1]  # the deepest demo layer
     paths = run_erasure(model, {sae.cfg.hook_name: sae}, gender_concept(model.tokenizer), out, ks=DEMO_ERASE_KS,
-                        methods=DEMO_ERASE_METHODS)
+                        methods=DEMO_ERASE_METHODS, strengths=DEMO_ERASE_STRENGTHS)
     return {f"erasure {name}": str(path) for name, path in paths.items()}

@@ -67,6 +67,9 @@ def test_defaults_match_the_library():
     assert defaults.IOI_KL_TARGET_FRACTION == ioi.SearchSettings().kl_target_fraction
     assert defaults.ERASE_METHODS == tuple(erasure.METHODS)
     assert defaults.ERASE_KS == tuple(erasure.DEFAULT_KS)
+    assert defaults.ERASE_POSITIONS == tuple(erasure.SETTINGS)
+    assert defaults.ERASE_STRENGTHS == tuple(erasure.DEFAULT_STRENGTHS)
+    assert defaults.ERASE_REMOVAL_LEVELS == tuple(erasure.DEFAULT_REMOVAL_LEVELS)
     assert defaults.PROBE_BASELINES == tuple(probing.PROBE_BASELINES)
     assert defaults.PROBE_KS == tuple(probing.DEFAULT_KS)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -33,9 +34,11 @@ from tasks.erasure import (
 
 HOOK = "blocks.1.hook_resid_post"
 KS = (1, 3)
-# The sweep runs one method of each kind end to end: a ranked and a random-basis feature removal, LEACE, and a
-# fit at every position (test_build_edits_makes_every_method covers the rest without a forward per edit).
-SWEEP_METHODS = ("mean_projection_all_positions", "leace", "random_dictionary", "sae_attribution")
+# The sweep runs one method of each kind end to end, under every position setting: a ranked and a random-basis
+# feature removal, LEACE and the projection at two strengths (test_build_edits_makes_every_method covers the rest
+# without a forward per edit).
+SWEEP_METHODS = ("mean_projection", "leace", "random_dictionary", "sae_attribution")
+SWEEP_STRENGTHS = (0.5, 1.0)
 
 
 def tiny_sae(hook: str = HOOK, d_in: int = 32, seed: int = 1) -> ReluSAE:
@@ -62,9 +65,10 @@ def labelled_data(n: int = 40, d: int = 16, seed: int = 0) -> tuple[torch.Tensor
 def sweep(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("erasure")
     splits = gender_concept(tiny_llama.tokenizer)
-    # 7 edits, four prompts per side on test and transfer: one batch per split (22 forwards, 7 probes)
+    # 1 + 3 x 8 edits, four prompts per side on test and transfer: one batch per split
     paths = run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, out, ks=KS, methods=SWEEP_METHODS,
-                        prompts_per_side=4, ce_tokens=held_out_tokens(tiny_llama.tokenizer), progress=False)
+                        strengths=SWEEP_STRENGTHS, prompts_per_side=4, ce_tokens=held_out_tokens(tiny_llama.tokenizer),
+                        progress=False)
     return paths, pd.read_csv(paths["csv"])
 
 
@@ -75,10 +79,13 @@ def sweep(tiny_llama, tmp_path_factory):
 def test_leace_puts_a_fresh_probe_at_chance_on_the_train_split(sweep):
     _, table = sweep
     clean = table[table["method"] == "clean"].iloc[0]
-    leace = table[table["method"] == "leace"].iloc[0]
+    leace = table[(table["method"] == "leace") & (table["strength"] == 1)].set_index("positions")
     assert clean["probe_train_accuracy"] == 1.0  # the concept is linearly readable before the edit
-    assert leace["probe_train_accuracy"] == pytest.approx(0.5)  # balanced split: chance is 0.5
-    assert leace["edit_norm"] > 0
+    # fitted on exactly the final positions: a fresh probe there is at chance (balanced split: chance is 0.5); fitted
+    # over the whole name..final span ("all"), LEACE only guarantees that for the span as a whole
+    assert leace.loc["final", "probe_train_accuracy"] == pytest.approx(0.5)
+    assert leace.loc["name", "probe_train_accuracy"] == 1.0  # edited at the name only: the final position is clean
+    assert (leace["edit_norm"] > 0).all()
 
 
 def test_leace_eraser_leaves_no_linear_correlation(tiny_llama):
@@ -191,29 +198,86 @@ def test_random_features_survive_one_borderline_feature():
 
 
 def test_build_edits_makes_every_method(tiny_llama):
-    """Every method and k, in the documented order; the *_all_positions fits use every edited position."""
-    from tasks.erasure import METHODS
+    """Every method and k (and strength), in the documented order, each fitted on the setting's fitted positions."""
+    from tasks.erasure import FIXED_METHODS, METHODS
 
     sae = tiny_sae()
-    statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, gender_concept(tiny_llama.tokenizer).train,
-                                          start=1, progress=False)
-    stats = statistics[HOOK]
-    edits, chosen = build_edits({HOOK: sae}, statistics, KS, METHODS, seed=0)
-    assert [(e.method, e.k) for e in edits] == [("clean", None)] + [
-        (method, k) for method in K_METHODS for k in KS] + [(method, None) for method in METHODS[4:]]
-    assert set(chosen[HOOK]) == set(K_METHODS) and all(len(f) == max(KS) for f in chosen[HOOK].values())
-    by_method = {(e.method, e.k): e for e in edits}
-    assert by_method[("sae_activation", 3)].features[:1] == by_method[("sae_activation", 1)].features
-    assert len(stats.position_activations) > len(stats.final_activations)  # every edited position, not the last
-    for method, x, labels in (("mean_projection", stats.final_activations, stats.labels),
-                              ("mean_projection_all_positions", stats.position_activations, stats.position_labels)):
-        edited = by_method[(method, None)](x)
-        assert torch.allclose(*class_means(edited, labels), atol=1e-6), method  # fitted on exactly these rows
-    for method, x, labels in (("leace", stats.final_activations, stats.labels),
-                              ("leace_all_positions", stats.position_activations, stats.position_labels)):
-        edited = by_method[(method, None)](x).double()
+    train = gender_concept(tiny_llama.tokenizer).train
+    for setting in ("final", "all"):
+        statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, train, 1, setting, progress=False)
+        stats = statistics[HOOK]
+        edits, chosen = build_edits({HOOK: sae}, statistics, KS, METHODS, seed=0, strengths=(0.5, 1.0))
+        assert [(e.method, e.k, e.strength) for e in edits] == [(method, k, 1.0) for method in K_METHODS for k in KS] \
+            + [(method, None, strength) for method in FIXED_METHODS for strength in (0.5, 1.0)]
+        assert {e.setting for e in edits} == {setting}
+        assert set(chosen[HOOK]) == set(K_METHODS) and all(len(f) == max(KS) for f in chosen[HOOK].values())
+        by_method = {(e.method, e.k, e.strength): e for e in edits}
+        assert by_method[("sae_activation", 3, 1.0)].features[:1] == by_method[("sae_activation", 1, 1.0)].features
+        x, labels = stats.position_activations, stats.position_labels
+        if setting == "final":
+            assert len(x) == len(stats.final_activations)
+        else:  # the name..final span of every prompt, not the few-shot examples before it
+            assert len(stats.final_activations) < len(x) < 10 * len(stats.final_activations)
+        edited = by_method[("mean_projection", None, 1.0)](x)
+        assert torch.allclose(*class_means(edited, labels), atol=1e-6), setting  # fitted on exactly these rows
+        half = by_method[("mean_projection", None, 0.5)](x)
+        assert torch.allclose(half, (x + edited) / 2, atol=1e-5)  # half strength: half the edit
+        edited = by_method[("leace", None, 1.0)](x).double()
         covariance = (edited - edited.mean(0)).T @ (labels.double() - labels.double().mean())
-        assert covariance.abs().max() < 1e-3 * x.abs().max(), method
+        assert covariance.abs().max() < 1e-3 * x.abs().max(), setting
+
+
+def test_position_settings_find_the_subject_and_not_the_examples(tiny_llama):
+    """The name setting marks the subject in the final sentence (not a few-shot example's name), the final
+    setting the last token, and all the span from after BOS, fitted from the name on."""
+    from tasks.erasure import position_masks, subject_token_ids, tokenize_prompts
+
+    train = gender_concept(tiny_llama.tokenizer).train
+    prompts, _ = train.prompts_and_labels()
+    tokens, finals = tokenize_prompts(tiny_llama.tokenizer, prompts)
+    subjects = subject_token_ids(train, tiny_llama.tokenizer)
+    masks = {setting: position_masks(setting, tokens, finals, 1, subjects) for setting in ("name", "final", "all")}
+    names = masks["name"].names
+    for row, prompt in enumerate(prompts):
+        subject = tiny_llama.tokenizer.decode([int(tokens[row, names[row]])]).strip()
+        assert prompt.rsplit("My name is ", 1)[1].startswith(subject + " ")  # the final sentence's subject
+    assert torch.equal(masks["name"].apply.float().argmax(1), names) and (masks["name"].apply.sum(1) == 1).all()
+    assert torch.equal(masks["final"].apply.float().argmax(1), finals)
+    assert (masks["all"].apply.sum(1) == finals).all()  # positions 1..final
+    assert (masks["all"].fit.sum(1) == finals - names + 1).all()
+    assert not (masks["all"].fit & ~masks["all"].apply).any()
+
+
+def test_an_edit_acts_only_at_its_settings_positions(tiny_llama):
+    """Evaluated under the name setting, an edit changes the hook's activation at the name position only."""
+    from circuits.engine import run_with_edits
+    from tasks.erasure import position_masks, subject_token_ids, tokenize_prompts
+
+    train = gender_concept(tiny_llama.tokenizer).train
+    tokens, finals = tokenize_prompts(tiny_llama.tokenizer, train.prompts_and_labels()[0][:4])
+    masks = position_masks("name", tokens, finals, 1, subject_token_ids(train, tiny_llama.tokenizer))
+    edit = replace(feature_removal(HOOK, "x", tiny_sae(), range(64)), setting="name")
+    clean = run_with_edits(tiny_llama, tokens, record=[HOOK]).recorded[HOOK]
+    seen = run_with_edits(tiny_llama, tokens, edits=edit.at(masks.apply), record=[HOOK]).recorded[HOOK]
+    changed = (seen - clean).norm(dim=-1) > 1e-6
+    assert torch.equal(changed, masks.apply)
+
+
+def test_equal_removal_interpolates_each_curve_from_the_clean_model():
+    from tasks.erasure import equal_removal_table
+
+    rows = [{"positions": "none", "hook": HOOK, "method": "clean", "k": None, "strength": 1.0, "removal": 0.0,
+             "kl": 0.0, "ce_delta": 0.0, "transfer_removal": 0.0, "probe_accuracy": 1.0,
+             "probe_accuracy_name": 1.0, "relative_edit_norm": 0.0}]
+    for k, r, kl in ((1, 0.2, 0.01), (4, 0.6, 0.05), (16, 0.8, 0.3)):
+        rows.append({**rows[0], "positions": "final", "method": "sae_attribution", "k": k, "removal": r, "kl": kl})
+    rows.append({**rows[0], "positions": "final", "method": "leace", "strength": 1.0, "removal": 1.0, "kl": 0.02})
+    frame = pd.DataFrame(rows)
+    table = equal_removal_table(frame, levels=(0.5, 0.9)).set_index(["method", "removal"])
+    assert table.loc[("sae_attribution", 0.5), "kl"] == pytest.approx(0.01 + 0.75 * 0.04)  # between k=1 and 4
+    assert table.loc[("sae_attribution", 0.5), "between"] == "1-4"
+    assert ("sae_attribution", 0.9) not in table.index  # never reached: no row
+    assert table.loc[("leace", 0.9), "kl"] == pytest.approx(0.018)  # from the clean model (0, 0) to strength 1
 
 
 def test_attribution_predicts_the_effect_of_removing_a_small_feature(tiny_llama):
@@ -222,10 +286,10 @@ def test_attribution_predicts_the_effect_of_removing_a_small_feature(tiny_llama)
     sae = tiny_sae()
     with torch.no_grad():
         sae.W_dec.mul_(0.01)  # small edits: the linear approximation holds
-    statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, train, start=1, progress=False)
+    statistics = collect_train_statistics(tiny_llama, {HOOK: sae}, train, 1, "all", progress=False)
     feature = int(statistics[HOOK].attribution.abs().argmax())
-    clean, removed = evaluate_on_prompts(tiny_llama, [Erasure(HOOK), feature_removal(HOOK, "x", sae, [feature])],
-                                         train, start=1, progress=False)
+    removal_edit = replace(feature_removal(HOOK, "x", sae, [feature]), setting="all")
+    clean, removed = evaluate_on_prompts(tiny_llama, [Erasure(HOOK), removal_edit], train, start=1, progress=False)
     exact_drop = (clean.signed_diffs - removed.signed_diffs).mean().item()
     assert exact_drop == pytest.approx(statistics[HOOK].attribution[feature].item(), rel=0.05)
 
@@ -237,19 +301,28 @@ def test_attribution_predicts_the_effect_of_removing_a_small_feature(tiny_llama)
 def test_sweep_writes_the_table_plot_and_settings(sweep):
     paths, table = sweep
     assert list(table.columns) == COLUMNS
-    expected = [("clean", None)] + [(method, k) for method in ("sae_attribution", "random_dictionary") for k in KS]
-    expected += [("leace", None), ("mean_projection_all_positions", None)]  # the documented order, not the given one
-    assert [(method, None if pd.isna(k) else k) for method, k in zip(table["method"], table["k"])] == expected
+    per_setting = [(method, k, 1.0) for method in ("sae_attribution", "random_dictionary") for k in KS]
+    per_setting += [(method, None, strength) for method in ("leace", "mean_projection") for strength in SWEEP_STRENGTHS]
+    expected = [("none", "clean", None, 1.0)] + [(setting, *row) for setting in ("name", "final", "all")
+                                                 for row in per_setting]  # the documented orders, not the given one
+    assert [(p, m, None if pd.isna(k) else k, s) for p, m, k, s in
+            zip(table["positions"], table["method"], table["k"], table["strength"])] == expected
     assert set(table["hook"]) == {HOOK}
     clean = table[table["method"] == "clean"].iloc[0]
     assert clean["removal"] == 0 and clean["kl"] == 0 and clean["edit_norm"] == 0
     edited = table[table["method"] != "clean"]
     assert (edited["edit_norm"] > 0).all() and (edited["kl"] >= 0).all()
-    assert edited["transfer_removal"].notna().all() and (edited["transfer_removal"] != 0).all()
+    assert edited["transfer_removal"].notna().all()
+    maps = edited[edited["method"].isin(["leace", "mean_projection"])]  # they move every position they act on
+    assert (maps["transfer_removal"] != 0).all()
+    assert edited["probe_accuracy_name"].notna().all()
+    equal = pd.read_csv(paths["equal_removal"])
+    assert set(equal["positions"]) <= {"name", "final", "all"} and set(equal["method"]) <= set(SWEEP_METHODS)
     with open(paths["plot"], "rb") as stream:
         assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
     settings = json.loads(open(paths["json"]).read())
-    assert len(settings["chosen_features"][HOOK]["sae_attribution"]) == max(KS)
+    assert settings["positions"] == ["name", "final", "all"]
+    assert len(settings["chosen_features"]["final"][HOOK]["sae_attribution"]) == max(KS)
     provenance = settings["provenance"]  # the same block as the IOI details.json
     assert set(provenance) >= {"model", "dictionaries", "seed"} and list(provenance["dictionaries"]) == [HOOK]
     assert len(provenance["dictionaries"][HOOK]) == 64
@@ -294,6 +367,17 @@ def test_bad_settings_are_named(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="unknown erasure method"):
         run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, tmp_path, methods=["lace"], ce_tokens=tokens,
                     progress=False)
+    with pytest.raises(ValueError, match="unknown position setting"):
+        run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, tmp_path, positions=["subject"], ce_tokens=tokens,
+                    progress=False)
+    with pytest.raises(ValueError, match=r"strengths must be in \(0, 1\]"):
+        run_erasure(tiny_llama, {HOOK: tiny_sae()}, splits, tmp_path, strengths=[2.0], ce_tokens=tokens,
+                    progress=False)
+    anonymous = splits.train.__class__(**{**vars(splits.train), "positive_subjects": [], "negative_subjects": []})
+    with pytest.raises(ConceptError, match="'name' position setting needs the concept's subjects"):
+        run_erasure(tiny_llama, {HOOK: tiny_sae()}, (anonymous, splits.test, None), tmp_path, ce_tokens=tokens,
+                    progress=False)
+    assert not any(tmp_path.iterdir())
 
 
 def test_concept_files(tmp_path, tiny_llama):
@@ -338,7 +422,9 @@ def test_cli_runs_on_saved_dictionaries(tiny_llama_folder, tmp_path):
     paths = run(args)
     table = pd.read_csv(paths["csv"])
     assert set(table["hook"]) == {"blocks.2.hook_resid_post"}
-    assert list(table["method"]) == ["clean", "sae_attribution", "sae_attribution", "leace"]
+    per_setting = ["sae_attribution"] * 2 + ["leace"] * 3  # k = 1, 2; strengths 0.25, 0.5, 1
+    assert list(table["method"]) == ["clean"] + per_setting * 3
+    assert list(table["positions"]) == ["none"] + [s for s in ("name", "final", "all") for _ in per_setting]
     assert table["transfer_removal"].isna().all()
 
     with pytest.raises(ValueError, match="no dictionary for blocks.7.hook_resid_post.*--layers"):
@@ -362,7 +448,8 @@ def test_erasure_on_the_real_model(real_model, tmp_path):
     _, cache = real_model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=10)
     dictionary = fit_pca(cache[hook][:, 1:], n_components=64, hook_name=hook)
     paths = run_erasure(real_model, {hook: dictionary}, splits, tmp_path, ks=(4,), ce_tokens=64, context_size=32,
-                        methods=("sae_attribution", "sae_random", "leace"), transfer=False, progress=False)
+                        methods=("sae_attribution", "sae_random", "leace"), transfer=False, progress=False,
+                        positions=("final",), strengths=(1.0,))
     table = pd.read_csv(paths["csv"]).set_index("method")
     assert table.loc["clean", "concept_accuracy"] > 0.7  # the model does the task
     assert table.loc["leace", "probe_train_accuracy"] == pytest.approx(0.5)

@@ -1,8 +1,8 @@
 """`sparse-circuits erase`: concept erasure by dictionary features, LEACE and a mean projection, compared.
 
 A thin shell over `tasks.erasure.run_erasure`: loads the model and the dictionaries, builds the concept
-splits (checked before any compute), runs the sweep and prints the table; writes OUT/erasure.csv,
-OUT/erasure.png and OUT/erasure.json.
+splits (checked before any compute), runs the sweep and prints the tables; writes OUT/erasure.csv,
+OUT/erasure_equal_removal.csv, OUT/erasure.png and OUT/erasure.json.
 """
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ import argparse
 from pathlib import Path
 
 from sparse_circuits.cli.common import add_model_arguments, add_subcommand, positive_int
-from sparse_circuits.defaults import ERASE_KS, ERASE_METHODS
+from sparse_circuits.defaults import (ERASE_KS, ERASE_METHODS, ERASE_POSITIONS, ERASE_REMOVAL_LEVELS,
+                                      ERASE_STRENGTHS)
 from sparse_circuits.validation import nonnegative_int, seed
 
-DESCRIPTION = """Fit erasure methods on the train split of a binary concept (at the final prompt position, or at
-every position for the *_all_positions variants), apply each as an edit at a hook to every position but
-the passed-through ones (BOS and massive activations, left alone by every method), and measure on the test split: removal of the concept-token logit difference (1 = gone), a fresh
-linear probe's accuracy, the edit's norm, and the damage on held-out text (KL to the clean model, CE
-change). Writes OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json and prints the table."""
+DESCRIPTION = """Erase a binary concept at a hook under a fair protocol: every method (SAE feature removal ranked by
+attribution or by activation difference, random controls, LEACE, the mean-difference projection) is fitted on
+the train split and applied on the test split at the same positions, one position setting at a time: the
+subject's name token, the final prompt position, or all positions (fitted on the name..final span, whose
+positions the prompt's label describes). BOS and massive activations are left alone by every method. On the
+test split it measures the behaviour (removal of the concept-token logit difference, 1 = gone; the same on the
+pronoun transfer task) and the concept (a fresh linear probe at the final and at the name position, 0.5 =
+gone); on held-out text, with every method editing every position, the damage (KL to the clean model, CE
+change). LEACE and the projection run at several strengths and the feature methods over k, so that methods
+are compared at equal removal (each curve interpolated). Writes OUT/erasure.csv,
+OUT/erasure_equal_removal.csv, OUT/erasure.png and OUT/erasure.json and prints both tables."""
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -38,7 +45,15 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="numbers of features to remove")
     parser.add_argument("--methods", nargs="+", choices=ERASE_METHODS, default=list(ERASE_METHODS), metavar="METHOD",
                         help=f"methods to run, among {', '.join(ERASE_METHODS)} (default: all)")
-    parser.add_argument("--ce-tokens", type=positive_int, default=1024, help="held-out tokens for the KL / CE damage")
+    parser.add_argument("--positions", nargs="+", choices=ERASE_POSITIONS, metavar="SETTING",
+                        help=f"position settings, among {', '.join(ERASE_POSITIONS)} (default: all three for gender; "
+                             "final and all for a concept file, which names no subjects)")
+    parser.add_argument("--strengths", type=float, nargs="+", default=list(ERASE_STRENGTHS),
+                        help="fractions of the LEACE and projection edits to apply, in (0, 1]: their curves")
+    parser.add_argument("--removal-levels", type=float, nargs="+", default=list(ERASE_REMOVAL_LEVELS),
+                        help="removal levels at which the methods are compared (interpolated)")
+    parser.add_argument("--ce-tokens", type=positive_int, default=20_480,
+                        help="held-out tokens for the KL / CE damage (each edit costs one forward over them)")
     parser.add_argument("--context-size", type=positive_int, default=64, help="held-out context length")
     parser.add_argument("--prompts-per-side", type=positive_int,
                         help="subsample the test and transfer splits to at most this many prompts per side "
@@ -63,6 +78,11 @@ def select_dictionaries(dictionaries: dict, layers: list[int] | None, where: Pat
     return {hook: dictionary for hook, dictionary in dictionaries.items() if hook in wanted}
 
 
+def default_positions(concept: str) -> list[str]:
+    """Every position setting for the built-in gender concept; final and all for a concept file (no subjects)."""
+    return list(ERASE_POSITIONS) if concept == "gender" else ["final", "all"]
+
+
 def check_arguments(args) -> None:
     """Paths, dictionary files, the concept file and the corpus, before torch is imported or the model loads."""
     from sparse_circuits import validation
@@ -71,6 +91,14 @@ def check_arguments(args) -> None:
     validation.dictionary_folders(args.sae)
     if args.concept != "gender":
         validation.concept_file(args.concept)
+        if args.positions and "name" in args.positions:
+            raise validation.InputError("--positions name needs the concept's subjects (the names its prompts are "
+                                        "about); a concept file has none: use --positions final all")
+    for flag, values in (("--strengths", args.strengths), ("--removal-levels", args.removal_levels)):
+        bad = [value for value in values if not 0 < value <= (1 if flag == "--strengths" else 2)]
+        if bad:
+            raise validation.InputError(f"{flag} {' '.join(f'{value:g}' for value in bad)}: each must be in "
+                                        f"(0, {1 if flag == '--strengths' else 2}]")
     validation.corpus_spec(args.corpus)
 
 
@@ -85,4 +113,5 @@ def run(args) -> dict[str, str]:
     validate_inputs(model, dictionaries, splits)  # before reading text or running the model
     return run_erasure(model, dictionaries, splits, args.out, ks=args.k, ce_tokens=args.ce_tokens, seed=args.seed,
                        methods=args.methods, prompts_per_side=args.prompts_per_side, corpus=args.corpus,
-                       context_size=args.context_size, batch_size=args.batch_size, transfer=not args.no_transfer)
+                       context_size=args.context_size, batch_size=args.batch_size, transfer=not args.no_transfer,
+                       positions=args.positions or default_positions(args.concept), strengths=args.strengths, removal_levels=args.removal_levels)

@@ -10,11 +10,16 @@ same positions a spliced dictionary leaves alone:
   (affine, rank 1 for a binary concept) in float64;
 - the mean projection (`fit_mean_projection`): an `ActivationMap` removing the component along the
   unit class-mean difference, around the train mean, in float64.
+
+`Erasure.at(positions)` restricts an edit to a batch's positions (tasks.erasure.positions), and `scaled`
+applies a fraction of a LEACE or projection edit, x + t (f(x) - x), so those methods have a curve of
+removal against damage to compare at equal removal, as the feature methods have over k.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -32,6 +37,8 @@ class Erasure:
     k: int | None = None
     edit: HookEdit | None = None
     features: tuple[int, ...] = ()  # the removed features, for the feature methods
+    setting: str = "none"  # the position setting it was fitted and is applied at (tasks.erasure.positions)
+    strength: float = 1.0  # the fraction of the edit applied (scaled LEACE / projection); 1 for feature removal
 
     @property
     def is_identity(self) -> bool:
@@ -41,6 +48,14 @@ class Erasure:
     def edits(self) -> dict[str, HookEdit]:
         """The `edits` argument of `circuits.engine.run_with_edits` for this method."""
         return {} if self.edit is None else {self.hook: self.edit}
+
+    def at(self, positions: torch.Tensor | None) -> dict[str, HookEdit]:
+        """The engine edits of this method acting only at `positions` [rows, pos] bool (None: everywhere)."""
+        if self.edit is None:
+            return {}
+        edit = copy.copy(self.edit)
+        edit.positions = positions
+        return {self.hook: edit}
 
     def __call__(self, x: torch.Tensor, passthrough: torch.Tensor | None = None) -> torch.Tensor:
         """The edit applied to activations x [..., d] taken out of their context (e.g. the final prompt
@@ -55,7 +70,7 @@ class Erasure:
         return edited.reshape(x.shape)
 
     def __repr__(self) -> str:
-        return f"Erasure({self.hook!r}, {self.method!r}, k={self.k})"
+        return f"Erasure({self.hook!r}, {self.method!r}, k={self.k}, setting={self.setting!r}, strength={self.strength})"
 
 
 def feature_removal(hook: str, method: str, dictionary: Dictionary, features: Sequence[int]) -> Erasure:
@@ -122,3 +137,25 @@ def fit_mean_projection(hook: str, activations: torch.Tensor, labels: torch.Tens
         raise ValueError(f"at {hook} the two classes have identical mean activations; nothing to project out")
     projection = MeanDifferenceProjection(difference / difference.norm(), activations.detach().cpu().double().mean(0))
     return Erasure(hook, method, None, ActivationMap(projection))
+
+
+class Interpolated:
+    """x -> x + strength * (f(x) - x): a fraction of the map f (the difference taken in float64)."""
+
+    def __init__(self, fn, strength: float):
+        self.fn, self.strength = fn, float(strength)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x64 = x.to(torch.float64)
+        return (x64 + self.strength * (self.fn(x).to(torch.float64) - x64)).to(x.dtype)
+
+
+def scaled(erasure: Erasure, strength: float) -> Erasure:
+    """`erasure` (a LEACE or projection edit, an ActivationMap) applied at `strength` in (0, 1]."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"an edit's strength must be in (0, 1], got {strength}")
+    if strength == 1 or erasure.edit is None:
+        return erasure
+    if not isinstance(erasure.edit, ActivationMap):
+        raise ValueError(f"{erasure.method} is not a map of the activation; only LEACE and projections are scaled")
+    return replace(erasure, edit=ActivationMap(Interpolated(erasure.edit.fn, strength)), strength=float(strength))

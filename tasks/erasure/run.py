@@ -2,9 +2,10 @@
 
 Every forward pass goes through the engine (`circuits.engine.run_with_edits`): the clean runs record
 the activations at the hooks, the gradient pass adds leaves there, and each method's run applies its
-edit. The edited positions of a prompt are its positions from `start` (1 when the tokenizer has a
-BOS token) to its final one, minus those the engine passes through at that hook (massive
-activations); statistics are fitted, and edit norms measured, over those positions only.
+edit. Each position setting (tasks.erasure.positions: the name, the final position, all positions) fits
+every method on the train split at its fitted positions and applies it on the test and transfer prompts
+at its applied positions, minus those the engine passes through at that hook (BOS, massive activations);
+edit norms are measured over the applied positions. On held-out text every edit acts at every position.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from tasks.concept_files import read_concept_data
 from tasks.erasure.concepts import (Concept, ConceptError, ConceptSplits, gender_concept, tokenize_prompts,
                                     validate_concept)
 from tasks.erasure.edits import Erasure
-from tasks.erasure.report import PromptResults, erasure_table, result_rows, write_results
-from tasks.erasure.selection import (METHODS, HookStatistics, build_edits, check_ks, check_methods, feature_attribution,
-                                     signed_logit_diffs)
+from tasks.erasure.positions import SETTINGS, check_settings, position_masks, subject_positions, subject_token_ids
+from tasks.erasure.report import (DEFAULT_REMOVAL_LEVELS, PromptResults, erasure_table, result_rows,
+                                  write_results)
+from tasks.erasure.selection import (DEFAULT_STRENGTHS, METHODS, HookStatistics, build_edits, check_ks, check_methods,
+                                     check_strengths, feature_attribution, signed_logit_diffs)
 
 
 def edited_positions(final_positions: torch.Tensor, length: int, start: int) -> torch.Tensor:
@@ -36,81 +39,115 @@ def edited_positions(final_positions: torch.Tensor, length: int, start: int) -> 
     return (positions >= start) & (positions <= final_positions[:, None])
 
 
-def collect_train_statistics(model, dictionaries: dict[str, Dictionary], concept: Concept, start: int, *,
-                             batch_size: int = 16, progress: bool = True) -> dict[str, HookStatistics]:
-    """One forward and backward pass over the train prompts: activations and feature attributions."""
+def _rows_at(activation: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor | None:
+    """activation [n, pos, ...] at one position per row (index [n]); None when index is None."""
+    if index is None:
+        return None
+    return activation[torch.arange(len(index), device=activation.device), index.to(activation.device)]
+
+
+def collect_train_statistics(model, dictionaries: dict[str, Dictionary], concept: Concept, start: int,
+                             setting: str = "final", *, batch_size: int = 16,
+                             progress: bool = True) -> dict[str, HookStatistics]:
+    """One forward and backward pass over the train prompts: activations at the setting's fitted positions (and
+    at the final and name positions, for the probes) and feature attributions summed over its applied positions."""
     token_ids = validate_concept(concept, model.tokenizer)
     prompts, labels = concept.prompts_and_labels()
     tokens, finals = tokenize_prompts(model.tokenizer, prompts)
+    subjects = subject_token_ids(concept, model.tokenizer)
     device = next(model.parameters()).device
     hooks = list(dictionaries)
-    parts = {hook: {"final": [], "final_pass": [], "positions": [], "labels": []} for hook in hooks}
+    keys = ("final", "final_pass", "name", "name_pass", "positions", "labels")
+    parts = {hook: {key: [] for key in keys} for hook in hooks}
     attribution = {hook: torch.zeros(d.n_features, dtype=torch.float64) for hook, d in dictionaries.items()}
     active = {hook: torch.zeros(d.n_features, dtype=torch.bool) for hook, d in dictionaries.items()}
-    for begin in progress_bar(range(0, len(prompts), batch_size), desc="fit (train split)", unit="batch", enabled=progress):
+    for begin in progress_bar(range(0, len(prompts), batch_size), desc=f"fit ({setting} positions)", unit="batch",
+                              enabled=progress):
         batch_tokens, batch_finals = tokens[begin:begin + batch_size].to(device), finals[begin:begin + batch_size]
         batch_labels = labels[begin:begin + batch_size]
+        masks = position_masks(setting, batch_tokens.cpu(), batch_finals, start, subjects)
         rows, final_index = torch.arange(len(batch_finals), device=device), batch_finals.to(device)
         with torch.enable_grad():
             run = run_with_edits(model, batch_tokens, record=hooks, leaves=hooks)
             metric = signed_logit_diffs(run.output[rows, final_index], batch_labels, token_ids)
             grads = torch.autograd.grad(metric.sum(), [run.leaves[hook] for hook in hooks])
-        prompt_positions = edited_positions(batch_finals, batch_tokens.shape[1], start).to(device)
         for (hook, dictionary), grad in zip(dictionaries.items(), grads):
             activation = run.recorded[hook].detach()
             passthrough = passthrough_positions(activation)
-            mask = prompt_positions & ~passthrough
+            applied = masks.apply.to(device) & ~passthrough
+            fitted = masks.fit.to(device) & ~passthrough
             part = parts[hook]
-            part["final"].append(activation[rows, final_index].cpu())
-            part["final_pass"].append(passthrough[rows, final_index].cpu())
-            part["positions"].append(activation[mask].cpu())
-            part["labels"].append(batch_labels[:, None].expand(mask.shape)[mask.cpu()])
+            part["final"].append(_rows_at(activation, batch_finals).cpu())
+            part["final_pass"].append(_rows_at(passthrough, batch_finals).cpu())
+            if masks.names is not None:
+                part["name"].append(_rows_at(activation, masks.names).cpu())
+                part["name_pass"].append(_rows_at(passthrough, masks.names).cpu())
+            part["positions"].append(activation[fitted].cpu())
+            part["labels"].append(batch_labels[:, None].expand(fitted.shape)[fitted.cpu()])
             with torch.no_grad():
-                drop, fired = feature_attribution(dictionary, activation, grad, mask)
+                drop, fired = feature_attribution(dictionary, activation, grad, applied)
             attribution[hook] += drop
             active[hook] |= fired
-    return {hook: HookStatistics(torch.cat(parts[hook]["final"]), labels, attribution[hook] / len(prompts),
-                                 torch.cat(parts[hook]["positions"]), torch.cat(parts[hook]["labels"]), active[hook],
-                                 torch.cat(parts[hook]["final_pass"]))
-            for hook in hooks}
+    statistics = {}
+    for hook in hooks:
+        part = parts[hook]
+        named = bool(part["name"])
+        statistics[hook] = HookStatistics(
+            torch.cat(part["final"]), labels, attribution[hook] / len(prompts), torch.cat(part["positions"]),
+            torch.cat(part["labels"]), active[hook], torch.cat(part["final_pass"]),
+            torch.cat(part["name"]) if named else None, torch.cat(part["name_pass"]) if named else None, setting)
+    return statistics
 
 
 @torch.no_grad()
 def evaluate_on_prompts(model, edits: list[Erasure], concept: Concept, start: int, *, batch_size: int = 16,
                         progress: bool = True) -> list[PromptResults]:
-    """Run the clean and every edited model on a split's prompts (one clean pass per batch)."""
+    """Run the clean and every edited model on a split's prompts (one clean pass per batch); each edit acts at
+    the applied positions of its own position setting."""
     token_ids = validate_concept(concept, model.tokenizer)
     prompts, labels = concept.prompts_and_labels()
     tokens, finals = tokenize_prompts(model.tokenizer, prompts)
+    subjects = subject_token_ids(concept, model.tokenizer)
     device = next(model.parameters()).device
     hooks = sorted({edit.hook for edit in edits})
-    diffs, activations = [[] for _ in edits], [[] for _ in edits]
+    settings = sorted({edit.setting for edit in edits if edit.setting in SETTINGS})
+    diffs, finals_out, names_out = [[] for _ in edits], [[] for _ in edits], [[] for _ in edits]
     norms = torch.zeros(len(edits), 3, dtype=torch.float64)  # summed |x' - x|, |x| and count over edited positions
     starts = range(0, len(prompts), batch_size)
     bar = progress_bar(total=len(starts) * len(edits), desc=f"evaluate ({concept.split} split)", enabled=progress)
     for begin in starts:
         batch_tokens = tokens[begin:begin + batch_size].to(device)
-        batch_finals = finals[begin:begin + batch_size].to(device)
+        batch_finals = finals[begin:begin + batch_size]
         rows, batch_labels = torch.arange(len(batch_finals), device=device), labels[begin:begin + batch_size]
+        masks = {setting: position_masks(setting, batch_tokens.cpu(), batch_finals, start, subjects)
+                 for setting in settings}
+        names = subject_positions(batch_tokens.cpu(), batch_finals, subjects, start) if len(subjects) else None
         clean = run_with_edits(model, batch_tokens, record=hooks)
-        prompt_positions = edited_positions(batch_finals.cpu(), batch_tokens.shape[1], start).to(device)
-        masks = {hook: prompt_positions & ~passthrough_positions(clean.recorded[hook]) for hook in hooks}
+        passthrough = {hook: passthrough_positions(clean.recorded[hook]) for hook in hooks}
         for index, edit in enumerate(edits):
-            x, mask = clean.recorded[edit.hook], masks[edit.hook]
-            run = clean if edit.is_identity else run_with_edits(model, batch_tokens, edits=edit.edits,
-                                                                  record=[edit.hook])
+            x = clean.recorded[edit.hook]
+            everywhere = edited_positions(batch_finals, batch_tokens.shape[1], start).to(device)
+            if edit.is_identity:
+                run, mask = clean, everywhere
+            else:  # at its setting's positions; an edit of no setting acts at every prompt position
+                mask = masks[edit.setting].apply.to(device) if edit.setting in masks else everywhere
+                run = run_with_edits(model, batch_tokens, edits=edit.at(mask), record=[edit.hook])
+            mask = mask & ~passthrough[edit.hook]
             edited = run.recorded[edit.hook]  # what the model continued with at the hook
             norms[index, 0] += ((edited - x).norm(dim=-1) * mask).sum().item()
             norms[index, 1] += (x.norm(dim=-1) * mask).sum().item()
             norms[index, 2] += int(mask.sum())
-            activations[index].append(edited[rows, batch_finals].cpu())
-            diffs[index].append(signed_logit_diffs(run.output[rows, batch_finals].float(), batch_labels,
+            finals_out[index].append(_rows_at(edited, batch_finals).cpu())
+            if names is not None:
+                names_out[index].append(_rows_at(edited, names).cpu())
+            diffs[index].append(signed_logit_diffs(run.output[rows, batch_finals.to(device)].float(), batch_labels,
                                                    token_ids).cpu())
             bar.update(1)
     bar.close()
     counts = norms[:, 2].clamp(min=1)
-    return [PromptResults(torch.cat(diffs[i]), torch.cat(activations[i]), (norms[i, 0] / counts[i]).item(),
-                          (norms[i, 1] / counts[i]).item()) for i in range(len(edits))]
+    return [PromptResults(torch.cat(diffs[i]), torch.cat(finals_out[i]), (norms[i, 0] / counts[i]).item(),
+                          (norms[i, 1] / counts[i]).item(), torch.cat(names_out[i]) if names_out[i] else None)
+            for i in range(len(edits))]
 
 
 @torch.no_grad()
@@ -220,18 +257,22 @@ def run_erasure(model, dictionaries: dict[str, Dictionary], concept_splits: Conc
                 ks: Sequence[int] = (1, 4, 16), ce_tokens: int | torch.Tensor = 512, seed: int = 0,
                 progress: bool = True, methods: Sequence[str] = METHODS, prompts_per_side: int | None = 16,
                 corpus: str = "registry", context_size: int = 64, batch_size: int = 16,
-                transfer: bool = True) -> dict[str, str]:
-    """Fit every method on the train split, measure on test (and transfer) and held-out text; write the table.
+                transfer: bool = True, positions: Sequence[str] = SETTINGS,
+                strengths: Sequence[float] = DEFAULT_STRENGTHS,
+                removal_levels: Sequence[float] = DEFAULT_REMOVAL_LEVELS) -> dict[str, str]:
+    """For each position setting, fit every method on the train split; measure all of them on test (and
+    transfer) and held-out text (one clean pass shared); write the table and the equal-removal comparison.
 
-    Writes OUT/erasure.csv, OUT/erasure.png and OUT/erasure.json (settings, clean numbers, chosen
-    features); returns {"csv", "plot", "json"} paths. `prompts_per_side` subsamples the test and
-    transfer splits (the train split is fitted whole, in one forward and backward pass). Cost: one
-    forward per edit over the test (and transfer) prompts and the `ce_tokens` of held-out text, with
-    hooks x (4 x len(ks) + 4) edits.
+    Writes OUT/erasure.csv (a row per setting, hook, method and k or strength), OUT/erasure_equal_removal.csv
+    (each method's curve interpolated at `removal_levels`), OUT/erasure.png and OUT/erasure.json (settings,
+    clean numbers, chosen features); returns their paths. `prompts_per_side` subsamples the test and transfer
+    splits (the train split is fitted whole). Cost: one forward per edit over the test (and transfer) prompts
+    and the `ce_tokens` of held-out text, with settings x hooks x (4 x len(ks) + 2 x len(strengths)) edits.
     """
     validate_inputs(model, dictionaries, concept_splits)  # before any compute
-    ks, methods = check_ks(ks, dictionaries), check_methods(methods)
+    ks, methods, strengths = check_ks(ks, dictionaries), check_methods(methods), check_strengths(strengths)
     train, test, transfer_split = concept_splits
+    settings = check_settings(positions, train)
     test = subsample_concept(test, prompts_per_side, seed)
     transfer_split = subsample_concept(transfer_split, prompts_per_side, seed) if transfer and transfer_split else None
     device = next(model.parameters()).device
@@ -239,19 +280,27 @@ def run_erasure(model, dictionaries: dict[str, Dictionary], concept_splits: Conc
     start = 1 if model.tokenizer.bos_token_id is not None else 0
     contexts = held_out_contexts(model, ce_tokens, corpus, context_size, seed)
 
-    statistics = collect_train_statistics(model, dictionaries, train, start, batch_size=batch_size, progress=progress)
-    edits, chosen = build_edits(dictionaries, statistics, ks, methods, seed)
+    edits, statistics, chosen = [Erasure(hook) for hook in dictionaries], {}, {}
+    for setting in settings:
+        statistics[setting] = collect_train_statistics(model, dictionaries, train, start, setting,
+                                                       batch_size=batch_size, progress=progress)
+        setting_edits, chosen[setting] = build_edits(dictionaries, statistics[setting], ks, methods, seed, strengths)
+        edits += setting_edits
     test_results = evaluate_on_prompts(model, edits, test, start, batch_size=batch_size, progress=progress)
     transfer_results = (evaluate_on_prompts(model, edits, transfer_split, start, batch_size=batch_size,
                                             progress=progress) if transfer_split is not None else None)
     text = evaluate_on_text(model, edits, contexts, start, batch_size=max(1, batch_size // 2), progress=progress)
     frame = erasure_table(result_rows(edits, statistics, test_results, transfer_results, text,
                                       test_labels=test.prompts_and_labels()[1], seed=seed, device=device))
-    settings = {"concept": train.name, "seed": seed, "ks": ks, "methods": methods, "hooks": list(dictionaries),
-                "prompts": {split.split: len(split.prompts_and_labels()[1])
-                            for split in (train, test, transfer_split) if split is not None},
-                "held_out_tokens": int(contexts.numel()), "clean_ce_loss": text[0],
-                "edited_positions": "every position but BOS and massive activations (the engine's pass-through rule)",
-                "fitted_at": "train split, final prompt position (every edited position for *_all_positions)",
-                "chosen_features": chosen, "provenance": provenance(model, dictionaries, seed)}
-    return write_results(frame, Path(out_dir), settings, progress)
+    summary = {"concept": train.name, "seed": seed, "ks": ks, "methods": methods, "hooks": list(dictionaries),
+               "positions": settings, "strengths": strengths, "removal_levels": list(removal_levels),
+               "prompts": {split.split: len(split.prompts_and_labels()[1])
+                           for split in (train, test, transfer_split) if split is not None},
+               "held_out_tokens": int(contexts.numel()), "clean_ce_loss": text[0],
+               "protocol": {"name": "fitted and applied at the subject's name token",
+                            "final": "fitted and applied at the final prompt position",
+                            "all": "applied at every prompt position, fitted on the name..final span",
+                            "held_out_text": "every edit at every position",
+                            "passed_through": "BOS and massive activations, for every method (the engine's rule)"},
+               "chosen_features": chosen, "provenance": provenance(model, dictionaries, seed)}
+    return write_results(frame, Path(out_dir), summary, progress, removal_levels)

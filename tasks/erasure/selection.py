@@ -5,21 +5,22 @@ The k-swept methods rank a dictionary's features and remove the first k:
 - `sae_attribution`: by the predicted drop of the signed concept logit difference when a feature is
   removed, activation x gradient (`circuits.attribution.attribution_scores` with delta = the codes),
   summed over the edited positions and averaged over the train prompts;
-- `sae_activation`: by |mean code on positive prompts - mean code on negative prompts| at the final
-  position;
+- `sae_activation`: by |mean code on positive prompts - mean code on negative prompts| over the fitted
+  positions;
 - `sae_random` (control): active features in a random order (seeded, nested across k);
 - `random_dictionary` (control): a random orthonormal basis (signed, centred on the train mean),
   ranked by activation difference.
 
-LEACE and the mean projection are fitted at the final position (or at every edited position for
-the `*_all_positions` variants).
+LEACE and the mean projection are fitted on the same fitted positions, and run at several strengths
+(`edits.scaled`). Which positions those are is the position setting (tasks.erasure.positions): every
+method of a setting is fitted and applied at the same positions.
 """
 
 from __future__ import annotations
 
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -28,25 +29,29 @@ from circuits.attribution import attribution_scores
 from circuits.engine import encode_codes
 from sae.baselines import random_basis
 from sae.dictionary import Dictionary
-from tasks.erasure.edits import Erasure, class_means, feature_removal, fit_leace, fit_mean_projection
+from tasks.erasure.edits import Erasure, class_means, feature_removal, fit_leace, fit_mean_projection, scaled
 
 K_METHODS = ("sae_attribution", "sae_activation", "sae_random", "random_dictionary")
-FIXED_METHODS = ("leace", "mean_projection", "leace_all_positions", "mean_projection_all_positions")
+FIXED_METHODS = ("leace", "mean_projection")
 METHODS = K_METHODS + FIXED_METHODS
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
+DEFAULT_STRENGTHS = (0.25, 0.5, 1.0)
 
 
 @dataclass
 class HookStatistics:
-    """What the methods are fitted on at one hook, from the train split."""
+    """What the methods are fitted on at one hook under one position setting, from the train split."""
 
     final_activations: torch.Tensor  # [n, d] at each prompt's final position
     labels: torch.Tensor  # [n]
     attribution: torch.Tensor  # [n_features]: mean predicted drop of the signed logit diff per removed feature
-    position_activations: torch.Tensor  # [m, d] at every edited position of every prompt
+    position_activations: torch.Tensor  # [m, d] at every fitted position of every prompt
     position_labels: torch.Tensor  # [m]: the label of the prompt each position belongs to
     active_features: torch.Tensor  # [n_features] bool: fired at some edited position of some prompt
     final_passthrough: torch.Tensor | None = None  # [n] bool: final positions the engine passes through
+    name_activations: torch.Tensor | None = None  # [n, d] at each prompt's subject name (None: no subjects)
+    name_passthrough: torch.Tensor | None = None  # [n] bool
+    setting: str = "final"  # the position setting (tasks.erasure.positions)
 
     @property
     def final_editable(self) -> torch.Tensor:
@@ -119,11 +124,10 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 def feature_rankings(dictionary: Dictionary, statistics: HookStatistics, hook: str, seed: int,
                      methods: Sequence[str]) -> dict[str, tuple[Dictionary, torch.Tensor]]:
     """{method: (dictionary, feature indices in removal order)} for the k-swept methods."""
-    fit = statistics.final_editable
-    final_rows, labels = statistics.final_activations[fit], statistics.labels[fit]
-    final = final_rows.to(next(dictionary.parameters()).device)
+    fit_rows, labels = statistics.position_activations, statistics.position_labels
+    fitted = fit_rows.to(next(dictionary.parameters()).device)
     with torch.no_grad():
-        codes = dictionary.encode(final).cpu()  # [n, n_features]
+        codes = dictionary.encode(fitted).cpu()  # [m, n_features]
     rankings = {}
     if "sae_attribution" in methods:
         rankings["sae_attribution"] = (dictionary, ranked(statistics.attribution))
@@ -132,37 +136,45 @@ def feature_rankings(dictionary: Dictionary, statistics: HookStatistics, hook: s
     if "sae_random" in methods:
         rankings["sae_random"] = (dictionary, random_features(statistics.active_features, seed, hook))
     if "random_dictionary" in methods:
-        basis = random_basis(dictionary.d_in, seed=seed, mean=final_rows.double().mean(0),
-                             hook_name=hook).to(final.device)
+        basis = random_basis(dictionary.d_in, seed=seed, mean=fit_rows.double().mean(0),
+                             hook_name=hook).to(fitted.device)
         with torch.no_grad():
-            basis_codes = basis.encode(final).cpu()
+            basis_codes = basis.encode(fitted).cpu()
         rankings["random_dictionary"] = (basis, ranked(activation_difference(basis_codes, labels)))
     return rankings
 
 
+def check_strengths(strengths: Sequence[float]) -> list[float]:
+    """The strengths, sorted and unique, each in (0, 1]."""
+    strengths = sorted(set(float(strength) for strength in strengths))
+    if not strengths or strengths[0] <= 0 or strengths[-1] > 1:
+        raise ValueError(f"strengths must be in (0, 1], got {strengths}")
+    return strengths
+
+
 def build_edits(dictionaries: dict[str, Dictionary], statistics: dict[str, HookStatistics], ks: Sequence[int],
-                methods: Sequence[str] = METHODS, seed: int = 0) -> tuple[list[Erasure], dict]:
-    """Every (hook, method, k) edit, a clean identity per hook first; and the chosen features per method."""
+                methods: Sequence[str] = METHODS, seed: int = 0,
+                strengths: Sequence[float] = (1.0,)) -> tuple[list[Erasure], dict]:
+    """Every (hook, method, k or strength) edit of one position setting (the statistics'); and the chosen
+    features per method. The clean identity is not among them."""
     edits: list[Erasure] = []
     chosen: dict = {}
     for hook, dictionary in dictionaries.items():
         stats = statistics[hook]
-        edits.append(Erasure(hook))
         rankings = feature_rankings(dictionary, stats, hook, seed, methods)
         chosen[hook] = {method: order[: max(ks)].tolist() for method, (_, order) in rankings.items()}
         for method, (source, order) in rankings.items():
             for k in ks:
                 if k <= len(order):
-                    edits.append(feature_removal(hook, method, source, order[:k].tolist()))
+                    edits.append(replace(feature_removal(hook, method, source, order[:k].tolist()),
+                                         setting=stats.setting))
                 else:
                     warnings.warn(f"{hook}: {method} has only {len(order)} candidate features, skipping k={k}",
                                   stacklevel=2)
-        fit = stats.final_editable
-        fits = {"": (stats.final_activations[fit], stats.labels[fit]),
-                "_all_positions": (stats.position_activations, stats.position_labels)}
-        for suffix, (activations, labels) in fits.items():
-            if "leace" + suffix in methods:
-                edits.append(fit_leace(hook, activations, labels, "leace" + suffix))
-            if "mean_projection" + suffix in methods:
-                edits.append(fit_mean_projection(hook, activations, labels, "mean_projection" + suffix))
+        fits = {"leace": fit_leace, "mean_projection": fit_mean_projection}
+        for method, fit in fits.items():
+            if method in methods:
+                fitted = replace(fit(hook, stats.position_activations, stats.position_labels, method),
+                                 setting=stats.setting)
+                edits += [scaled(fitted, strength) for strength in strengths]
     return edits, chosen
