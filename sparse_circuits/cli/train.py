@@ -22,12 +22,17 @@ Data-parallel on N processes (gloo on CPU, nccl on CUDA; the same weights as one
 Several machines: torchrun --nnodes=M --node_rank=I --rdzv-endpoint=HOST:PORT --rdzv-backend=c10d ...
 on each, with OUT on a file system all of them share.
 
-Recipes for strong dictionaries (10M tokens; untied rows train free, as SAELens; add --device cuda and
-torchrun on a GPU machine, where 50M+ tokens are practical):
+Recipes for strong dictionaries (10M tokens seen: the registry corpus's train split is 9.02M tokens, so
+--tokens 10000000 harvests all of it and --epochs 1.109 sees 10M; untied rows train free, as SAELens;
+--harvest-autocast bf16 halves the harvest on a CPU with AMX; on a GPU add --device cuda and torchrun,
+where 50M+ tokens of a larger corpus are practical). Measured in results/strong_l12/:
   TopK:       train --hook blocks.12.hook_resid_post --arch topk --k 40 --untied --tokens 10000000
-              --batch-size 4096 --lr 3e-3 --evaluate-tokens 65536 --out runs/topk40
-  BatchTopK:  the same with --arch batchtopk --k 40
-  ReLU + L1:  the same with --arch relu --target-l0 40 (the paper's tied SAE: drop --untied, --lr 1e-3)
+              --epochs 1.109 --batch-size 4096 --lr 3e-3 --harvest-autocast bf16
+              --activations runs/store12 --out runs/topk40
+  BatchTopK:  the same with --arch batchtopk --k 40 (and --out runs/batchtopk40)
+  ReLU + L1:  the same with --arch relu --target-l0 40 --pilot-tokens 262144 (the paper's tied SAE: drop
+              --untied, --lr 1e-3)
+  then: sparse-circuits evaluate --sae runs/topk40 --tokens 16384
 Several hooks in one --out share one harvest (repeat --hook); --activations DIR reuses a store."""
 
 
