@@ -73,6 +73,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "harvested with the same settings for these hooks and more is reused as it is")
     parser.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="dtype of the stored activations")
+    parser.add_argument("--store-memory-mb", type=positive_int, default=None, metavar="MB",
+                        help="stored activations held in memory for shuffling: a block of shards, shuffled token "
+                             "by token (the whole store when it fits: a full shuffle); peak memory is about twice "
+                             "this while a block loads. It sets the batch order: resume with the same value "
+                             "(default: 8192)")
     parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     parser.add_argument("--seed", type=seed, default=0, help="seed for context sampling, initialisation and batches")
@@ -140,7 +145,8 @@ def run(args) -> None:
         expansion=args.expansion, l1_coefficients=args.l1 or [1e-3], k_values=args.k or [32], tied=args.tied,
         epochs=args.epochs, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
         store_dtype=args.store_dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        resample_dead=args.resample_dead, activations_dir=args.activations, target_l0=args.target_l0,
+        resample_dead=args.resample_dead, activations_dir=args.activations,
+        store_memory_mb=args.store_memory_mb, target_l0=args.target_l0,
         pilot_tokens=args.pilot_tokens, harvest_autocast=args.harvest_autocast or args.autocast,
         autocast=None if args.autocast == "off" else args.autocast)
     corpus = load_corpus(args.corpus)

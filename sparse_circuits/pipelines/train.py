@@ -52,6 +52,7 @@ class TrainRequest:
     resample_dead: bool = False
     resample_every: int = 2000
     activations_dir: Path | None = None  # the activation store; None: <out_dir>/activations
+    store_memory_mb: int | None = None  # activations held for shuffling (None: the store's default, 8 GiB)
     target_l0: float | None = None  # calibrate alpha (or k) per hook to this L0 instead of using the settings above
     pilot_tokens: int | None = None  # tokens per calibration pilot; None: a quarter of the run (at least 2^18)
     autocast: str | None = None  # "bf16" / "fp16" (CUDA): TrainingConfig.autocast; None: float32
@@ -172,6 +173,8 @@ def _train_on_model_locked(model, corpus: Corpus, request: TrainRequest, out_dir
     store_dir = Path(request.activations_dir) if request.activations_dir is not None else out_dir / "activations"
     progress = progress and distributed.is_main
     store = harvest_for_training(model, corpus, request, store_dir, progress, distributed)
+    if request.store_memory_mb is not None:  # the shuffling block's size, which sets the batch order
+        store.memory_budget_bytes = request.store_memory_mb << 20
     training = training_schedule(request, store.n_tokens)
     if training.total_tokens < request.batch_size:
         raise ValueError(f"only {store.n_tokens} tokens were harvested, less than one batch of "
