@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -79,5 +80,14 @@ def find_dictionary_folders(parent: str | Path) -> list[Path]:
         return [parent]
     if not parent.is_dir():
         raise MissingDictionaryFileError(f"{parent} does not exist; expected a dictionary folder or a parent of some")
-    return sorted(path.parent for path in parent.rglob(CONFIG_FILE)
-                  if not any(part.startswith(".") or part == "checkpoints" for part in path.relative_to(parent).parts))
+    found, seen = [], set()
+    for root, folders, files in os.walk(parent, followlinks=True):  # a symlinked dictionary folder counts too
+        real = os.path.realpath(root)
+        if real in seen:  # a link cycle
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".") and name != "checkpoints"]
+        if CONFIG_FILE in files:
+            found.append(Path(root))
+    return sorted(found)

@@ -177,3 +177,17 @@ def test_load_dictionaries_keys_by_hook(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no dictionary folders"):
         load_dictionaries(tmp_path / "empty")
+
+
+def test_symlinked_dictionary_folders_are_found_and_link_cycles_end(tmp_path):
+    from sae.folders import find_dictionary_folders
+
+    save_dictionary(trained_looking(hook="blocks.3.hook_resid_post", seed=3), tmp_path / "runs" / "a" / "sae")
+    (tmp_path / "runs" / "a" / "checkpoints" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoints" / "x" / CONFIG_FILE).write_text("{}")  # never a dictionary
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    (picked / "topk").symlink_to(tmp_path / "runs" / "a" / "sae", target_is_directory=True)
+    (picked / "loop").symlink_to(picked, target_is_directory=True)  # a cycle must not hang the search
+    assert find_dictionary_folders(picked) == [picked / "topk"]
+    assert list(load_dictionaries(picked)) == ["blocks.3.hook_resid_post"]
