@@ -2,8 +2,9 @@
 
     python results/strong_l12/summarize.py RUNS_DIR results/strong_l12
 
-RUNS_DIR holds one folder per run, named <arch>_<tokens seen> (topk_10M, relu_0.3M, ...), each with the
-trained dictionary under blocks.12.hook_resid_post/ (cfg.json, eval.json from `sparse-circuits evaluate`).
+RUNS_DIR holds one entry per dictionary, named <label>_<tokens seen> (topk_10M, relu-l1-0.0025_10M, ...): a
+dictionary folder (or a link to one) with cfg.json and eval.json from `sparse-circuits evaluate`, or a run's
+--out folder holding it under blocks.12.hook_resid_post/.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-ARCH_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU+L1"}
+ARCH_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU+L1", "topkbf16": "TopK (bf16 training)"}
 COLUMNS = ["dictionary", "tokens_seen", "l0", "fvu_all_tokens", "fvu", "ce_increase", "kl", "ce_loss_recovered",
            "dead_fraction", "sparsity"]
 
@@ -22,14 +23,15 @@ def tokens_seen(name: str) -> float:
 
 
 def row(run: Path) -> dict | None:
-    folder = run / "blocks.12.hook_resid_post"
+    folder = run if (run / "cfg.json").exists() else run / "blocks.12.hook_resid_post"
     if not (folder / "eval.json").exists():
         return None
     evaluation = json.loads((folder / "eval.json").read_text())
     cfg = json.loads((folder / "cfg.json").read_text())
     arch = run.name.rsplit("_", 1)[0]
     sparsity = f"k={cfg['k']}" if cfg.get("k") else f"alpha={cfg.get('l1_coefficient'):.3g}"
-    return {"dictionary": ARCH_NAMES.get(arch, arch), "tokens_seen": tokens_seen(run.name),
+    name = ARCH_NAMES.get(arch, "ReLU+L1 " + arch.split("-")[-1] if arch.startswith("relu-l1") else arch)
+    return {"dictionary": name, "tokens_seen": tokens_seen(run.name),
             "l0": evaluation["l0"], "fvu_all_tokens": evaluation["fvu_all_tokens"], "fvu": evaluation["fvu"],
             "ce_increase": evaluation["ce_loss_spliced"] - evaluation["ce_loss_clean"], "kl": evaluation["kl"],
             "ce_loss_recovered": evaluation["ce_loss_recovered"], "dead_fraction": evaluation["dead_fraction"],

@@ -53,12 +53,6 @@ class HookStatistics:
     name_passthrough: torch.Tensor | None = None  # [n] bool
     setting: str = "final"  # the position setting (tasks.erasure.positions)
 
-    @property
-    def final_editable(self) -> torch.Tensor:
-        """[n] bool: the prompts whose final position the edits act on (what the final-position fits use)."""
-        if self.final_passthrough is None:
-            return torch.ones(len(self.labels), dtype=torch.bool)
-        return ~self.final_passthrough
 
 
 def signed_logit_diffs(final_logits: torch.Tensor, labels: torch.Tensor, token_ids: tuple[int, int]) -> torch.Tensor:
