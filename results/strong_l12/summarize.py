@@ -63,8 +63,8 @@ def main(runs: Path, out: Path) -> None:
 
     figure, axes = plt.subplots(1, 4, figsize=(17, 4))
     for name, group in frame.groupby("dictionary"):
-        for axis, metric, label in zip(axes, ("ce_increase", "kl", "fvu_all_tokens", "l0"),
-                                       ("CE increase (nats/token)", "KL per token (nats)", "FVU, all tokens", "L0")):
+        for axis, metric, label in zip(axes, ("ce_increase", "kl", "fvu", "l0"),
+                                       ("CE increase (nats/token)", "KL per token (nats)", "FVU, typical tokens (massive ones excluded)", "L0")):
             axis.plot(group["tokens_seen"], group[metric], marker="o", label=name)
             axis.set_xscale("log")
             axis.set_xlabel("training tokens seen")
