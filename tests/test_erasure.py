@@ -449,9 +449,13 @@ def test_erasure_on_the_real_model(real_model, tmp_path):
     dictionary = fit_pca(cache[hook][:, 1:], n_components=64, hook_name=hook)
     paths = run_erasure(real_model, {hook: dictionary}, splits, tmp_path, ks=(4,), ce_tokens=64, context_size=32,
                         methods=("sae_attribution", "sae_random", "leace"), transfer=False, progress=False,
-                        positions=("final",), strengths=(1.0,))
-    table = pd.read_csv(paths["csv"]).set_index("method")
-    assert table.loc["clean", "concept_accuracy"] > 0.7  # the model does the task
-    assert table.loc["leace", "probe_train_accuracy"] == pytest.approx(0.5)
-    assert table.loc["sae_attribution", "removal"] > table.loc["sae_random", "removal"] + 0.2
-    assert (table["kl"] >= 0).all() and (table.loc[["sae_attribution", "leace"], "edit_norm"] > 0).all()
+                        positions=("final", "all"), strengths=(1.0,))
+    frame = pd.read_csv(paths["csv"])
+    table = {setting: part.set_index("method") for setting, part in frame.groupby("positions")}
+    assert table["none"].loc["clean", "concept_accuracy"] > 0.7  # the model does the task
+    assert table["final"].loc["leace", "probe_train_accuracy"] == pytest.approx(0.5)  # fitted exactly there
+    # removing features everywhere moves the output; at the final position alone nothing does (the name's
+    # gender is not read from there at this layer: results/erasure_fair_small/)
+    assert table["all"].loc["sae_attribution", "removal"] > table["all"].loc["sae_random", "removal"] + 0.2
+    assert abs(table["final"].loc["sae_attribution", "removal"]) < table["all"].loc["sae_attribution", "removal"]
+    assert (frame["kl"] >= 0).all() and (frame[frame["method"] != "clean"]["edit_norm"] > 0).all()

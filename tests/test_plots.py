@@ -32,10 +32,12 @@ def test_erasure_k_labels_do_not_overlap(tmp_path):
 
 
 def test_erasure_plot_is_written(tmp_path):
-    rows = [{"hook": "blocks.1.hook_resid_post", "method": method, "k": k, "removal": 0.1 * k, "kl": 1e-3 * k,
-             "probe_accuracy": 0.9} for method in ("sae_attribution", "sae_random") for k in (1, 2, 4)]
-    rows.append({"hook": "blocks.1.hook_resid_post", "method": "leace", "k": math.nan, "removal": 0.5, "kl": 0.01,
-                 "probe_accuracy": 0.5})
+    rows = [{"positions": setting, "hook": "blocks.1.hook_resid_post", "method": method, "k": k, "strength": 1.0,
+             "removal": 0.1 * k, "kl": 1e-3 * k, "probe_accuracy": 0.9, "probe_accuracy_name": 0.8}
+            for setting in ("name", "final") for method in ("sae_attribution", "sae_random") for k in (1, 2, 4)]
+    rows += [{"positions": "final", "hook": "blocks.1.hook_resid_post", "method": "leace", "k": math.nan,
+              "strength": strength, "removal": 0.5 * strength, "kl": 0.01 * strength, "probe_accuracy": 0.5,
+              "probe_accuracy_name": 1.0} for strength in (0.5, 1.0)]
     path = plot_erasure(pd.DataFrame(rows), tmp_path / "erasure.png", "gender")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
