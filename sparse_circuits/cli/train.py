@@ -30,7 +30,7 @@ where 50M+ tokens of a larger corpus are practical). Measured in results/strong_
               --epochs 1.109 --batch-size 4096 --lr 3e-3 --harvest-autocast bf16
               --activations runs/store12 --out runs/topk40
   BatchTopK:  the same with --arch batchtopk --k 40 (and --out runs/batchtopk40)
-  ReLU + L1:  the same with --arch relu --l1 0.011 (L0 about 40 at this layer in this recipe; elsewhere
+  ReLU + L1:  the same with --arch relu --l1 0.0025 (L0 36 at this layer in this recipe; elsewhere
               --target-l0 40 finds the coefficient, at the cost of about four more trainings: its last
               pilots are as long as the run; the paper's tied SAE: drop --untied, --lr 1e-3)
   then: sparse-circuits evaluate --sae runs/topk40 --tokens 16384
