@@ -124,9 +124,9 @@ def evaluate_on_prompts(model, edits: list[Erasure], concept: Concept, start: in
         names = subject_positions(batch_tokens.cpu(), batch_finals, subjects, start) if len(subjects) else None
         clean = run_with_edits(model, batch_tokens, record=hooks)
         passthrough = {hook: passthrough_positions(clean.recorded[hook]) for hook in hooks}
+        everywhere = edited_positions(batch_finals, batch_tokens.shape[1], start).to(device)
         for index, edit in enumerate(edits):
             x = clean.recorded[edit.hook]
-            everywhere = edited_positions(batch_finals, batch_tokens.shape[1], start).to(device)
             if edit.is_identity:
                 run, mask = clean, everywhere
             else:  # at its setting's positions; an edit of no setting acts at every prompt position
