@@ -70,13 +70,15 @@ class BatchTopKSAE(SparseAutoencoder):
         return DictionaryOutput(self.decode_active(codes), codes)
 
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
-        pre = self.pre_activations(x)
-        rows, columns, values = batch_topk_entries(pre, self.cfg.k, state.distributed)
+        encoder = self.selectable_pre_activations(x)  # gradients at the selected entries only
+        pre = encoder.pre
+        rows, columns, _ = batch_topk_entries(pre, self.cfg.k, state.distributed)
+        values = torch.relu(encoder.at(rows, columns))
         offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=x.device))
         residual, mse = self.sparse_reconstruction_terms(x, columns, values, offsets)  # k rows per token on average
-        codes = torch.zeros_like(pre, requires_grad=False).index_put_((rows, columns), values.detach())
+        codes = torch.zeros_like(pre).index_put_((rows, columns), values.detach())
         self._update_threshold(codes, state.distributed)
-        return TrainingLoss(with_aux_k(self, pre, mse, residual, state), mse, codes, residual)
+        return TrainingLoss(with_aux_k(self, pre, encoder.at_tokens, mse, residual, state), mse, codes, residual)
 
     @torch.no_grad()
     def _update_threshold(self, codes: torch.Tensor, distributed: Distributed | None = None) -> None:

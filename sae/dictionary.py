@@ -22,6 +22,7 @@ from torch import nn
 
 from sae.config import DictionaryConfig
 from sae.distributed import Distributed
+from sae.sparse_backward import SelectablePreActivations, sparse_decode
 
 
 class DictionaryOutput(NamedTuple):
@@ -170,6 +171,15 @@ class SparseAutoencoder(Dictionary):
             x = x - self.b_dec.detach()
         return affine(x, self.W_enc, bias)
 
+    def selectable_pre_activations(self, x: torch.Tensor) -> SelectablePreActivations:
+        """`pre_activations` of a batch [tokens, d_in] computed once without a graph; a training loss then takes the
+        entries it uses with a gradient computed at those entries alone (sae.sparse_backward.py)."""
+        bias = self.b_enc
+        if self.cfg.apply_b_dec_to_input:  # as in pre_activations
+            bias = bias + (self.b_dec.detach() - self.b_dec) @ self.W_enc.detach()
+            x = x - self.b_dec.detach()
+        return SelectablePreActivations(x, self.W_enc, bias)
+
     @abc.abstractmethod
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """[..., d_sae] pre-activations -> codes (the inference-time nonlinearity)."""
@@ -226,7 +236,7 @@ class SparseAutoencoder(Dictionary):
             weight, values = weight.to(low), values.to(low)
         else:
             values = values.to(weight.dtype)
-        return nn.functional.embedding_bag(columns, weight, offsets, per_sample_weights=values, mode="sum")
+        return sparse_decode(columns, weight, values, offsets)
 
     def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """[..., k] feature indices and their codes -> reconstruction [..., d_in]: `decode` of codes that are zero

@@ -34,18 +34,18 @@ class ReluSAE(SparseAutoencoder):
     supports_free_decoder = True
 
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
-        pre = self.pre_activations(x)
-        active = pre > 0
+        encoder = self.selectable_pre_activations(x)
+        active = encoder.pre > 0
         if x.device.type == "cpu" and int(active.count_nonzero()) < SPARSE_DECODE_DENSITY * active.numel():
             rows, columns = active.nonzero(as_tuple=True)  # row-major: each token's entries are one run
-            values = pre[rows, columns]
+            values = encoder.at(rows, columns)  # gradients at the active entries only
             offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=x.device))
             residual, mse = self.sparse_reconstruction_terms(x, columns, values, offsets)
             weights = values if state.decoder_norms is None else values * state.decoder_norms[columns]
             l1 = weights.sum() / x.shape[0]
-            codes = torch.relu(pre.detach())
+            codes = torch.relu(encoder.pre)
         else:
-            codes = torch.relu(pre)
+            codes = torch.relu(encoder.dense())
             residual, mse = self.reconstruction_terms(x, codes)
             if state.decoder_norms is None:
                 l1 = codes.sum(dim=-1).mean()  # codes are nonnegative

@@ -10,7 +10,7 @@ divided by them before decoding, so the saved SAE (norms folded in) is a plain T
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,27 +19,46 @@ from sae.dictionary import DictionaryOutput, SparseAutoencoder, TrainingLoss, Tr
 from sae.distributed import Distributed
 from sae.relu import ReluSAE
 
+# per-token feature indices [batch, n] -> the pre-activations there, with a gradient
+# (SelectablePreActivations.at_tokens)
+Selector = Callable[[torch.Tensor], torch.Tensor]
+
 
 def check_k(cfg: DictionaryConfig, architecture: str = "TopK") -> None:
     if cfg.k is None or not 0 < cfg.k <= cfg.d_sae:
         raise ValueError(f"a {architecture} SAE needs 0 < k <= d_sae={cfg.d_sae}, got k={cfg.k}; set cfg.k")
 
 
-def aux_k_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
-               decoder_norms: torch.Tensor | None = None, distributed: Distributed | None = None) -> torch.Tensor:
+def aux_k_loss(sae: SparseAutoencoder, scores: torch.Tensor, select: Selector, residual: torch.Tensor,
+               dead: torch.Tensor, decoder_norms: torch.Tensor | None = None,
+               distributed: Distributed | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): how well the top dead latents reconstruct the residual, normalised.
 
-    pre [batch, d_sae] pre-activations (times the decoder row norms when those are free); residual
-    [batch, d_in] = x - x_hat (detached); dead [d_sae] bool; decoder_norms [d_sae] or None (unit rows).
+    scores [batch, d_sae] pre-activations without a gradient (times the decoder row norms when those are free);
+    select(indices [batch, n]) the pre-activations (not times the norms) there with a gradient
+    (SelectablePreActivations.at_tokens); residual [batch, d_in] = x - x_hat (detached); dead [d_sae] bool;
+    decoder_norms [d_sae] or None (unit rows).
     """
     k_aux = min(max(sae.d_in // 2, 1), sae.n_features)
-    candidates = torch.relu(pre) * dead
-    top = candidates.topk(k_aux, dim=-1, sorted=False)
-    codes = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
-    if decoder_norms is not None:
-        codes = codes / decoder_norms
-    residual_hat = codes @ sae.W_dec
+    with torch.no_grad():
+        top = (torch.relu(scores) * dead).topk(k_aux, dim=-1, sorted=False)
+    values, weights = _selected_codes(select, top.indices, decoder_norms)
+    weights = weights * dead[top.indices]  # fewer dead latents than k_aux: the others add nothing
+    residual_hat = sae.gathered_rows(top.indices, weights)
     return (residual_hat - residual).pow(2).sum() / _residual_spread(residual, distributed).clamp_min(1e-12)
+
+
+def _selected_codes(select: Selector, indices: torch.Tensor, decoder_norms: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, decoding weights) [batch, n] at per-token feature indices [batch, n]: the ReLU'd pre-activations
+    (times the row norms when free: the codes of unit-norm rows) and those codes over the row norms."""
+    pre = select(indices)
+    if decoder_norms is None:
+        values = torch.relu(pre)
+        return values, values
+    norms = decoder_norms[indices]
+    values = torch.relu(pre * norms)
+    return values, values / norms
 
 
 @torch.no_grad()
@@ -53,13 +72,14 @@ def _residual_spread(residual: torch.Tensor, distributed: Distributed | None) ->
     return (squares - total.pow(2).sum() / count).to(residual.dtype)
 
 
-def with_aux_k(sae: SparseAutoencoder, pre: torch.Tensor, mse: torch.Tensor, residual: torch.Tensor,
-               state: TrainingState) -> torch.Tensor:
-    """mse, plus aux_k_coefficient * AuxK while some latents are dead."""
+def with_aux_k(sae: SparseAutoencoder, scores: torch.Tensor, select: Selector, mse: torch.Tensor,
+               residual: torch.Tensor, state: TrainingState) -> torch.Tensor:
+    """mse, plus aux_k_coefficient * AuxK while some latents are dead (scores, select: as aux_k_loss takes them)."""
     loss = mse
     if state.aux_k_coefficient > 0 and bool(state.dead.any()):
         # AuxK is already this rank's part of the whole batch's ratio: undo the loop's weighting by batch_share
-        aux = aux_k_loss(sae, pre, residual.detach(), state.dead, state.decoder_norms, state.distributed)
+        aux = aux_k_loss(sae, scores, select, residual.detach(), state.dead, state.decoder_norms,
+                         state.distributed)
         loss = loss + state.aux_k_coefficient * aux / max(state.batch_share, 1e-12)
     return loss
 
@@ -89,15 +109,15 @@ class TopKSAE(ReluSAE):
     supports_free_decoder = True
 
     def training_loss(self, x: torch.Tensor, state: TrainingState) -> TrainingLoss:
-        pre = self.pre_activations(x)
+        encoder = self.selectable_pre_activations(x)  # gradients at the selected entries only
+        scores = encoder.pre
         if state.decoder_norms is not None:  # free decoder rows: select on the codes of unit-norm rows
-            pre = pre * state.decoder_norms  # (SAELens' rescale_acts_by_decoder_norm)
-        top = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        values = torch.relu(top.values)
-        weights = values if state.decoder_norms is None else values / state.decoder_norms[top.indices]
+            scores = scores * state.decoder_norms.detach()  # (SAELens' rescale_acts_by_decoder_norm)
+        top = scores.topk(self.cfg.k, dim=-1, sorted=False)
+        values, weights = _selected_codes(encoder.at_tokens, top.indices, state.decoder_norms)
         residual, mse = self.sparse_reconstruction_terms(x, top.indices, weights)  # k of d_sae rows per token
-        codes = torch.zeros_like(pre, requires_grad=False).scatter_(-1, top.indices, values.detach())
-        return TrainingLoss(with_aux_k(self, pre, mse, residual, state), mse, codes, residual)
+        codes = torch.zeros_like(scores).scatter_(-1, top.indices, values.detach())
+        return TrainingLoss(with_aux_k(self, scores, encoder.at_tokens, mse, residual, state), mse, codes, residual)
 
     @classmethod
     def describe(cls, cfg: DictionaryConfig) -> str:
