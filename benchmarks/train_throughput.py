@@ -6,8 +6,10 @@ matmuls run in (float32, or bf16/fp16 under --autocast). FLOPs counted per step 
 step actually does (no gradient to the input activations):
   dense decode (standard: the tied ReLU on Gaussian data keeps dense codes, so training takes the dense
   path): encode forward, decode forward, gradient to the codes, to the decoder, to the encoder = 10*B*d*F;
-  sparse decode (topk, batchtopk): encode forward and encoder gradient 4*B*d*F, plus the gathered decode,
-  its gradient to the codes and to the decoder rows 6*B*k*d.
+  sparse decode (topk, batchtopk): the dense encode forward 2*B*d*F; then on CPU, where the backward passes
+  are sparse too (sae/sparse_backward.py), the gathered decode, its gradient to the codes and to the decoder
+  rows, and the encoder's gradient at the k selected entries, 8*B*k*d; on CUDA the encoder's gradient is the
+  dense 2*B*d*F and the decode side 6*B*k*d.
 fraction_of_matmul_rate = achieved FLOP/s / reference FLOP/s, the reference being the best of several
 warmed-up rounds measured before and after the training (a round slowed by another process cannot
 lower it), so the fraction stays below 1. On CUDA every timing is bracketed by synchronisation and the
@@ -30,6 +32,7 @@ import torch
 from sae.batches import TensorBatchSource
 from sae.config import DictionaryConfig
 from sae.training import TrainingConfig, train_dictionaries
+from sae.sparse_backward import sparse_backward_on
 from sae.training.precision import AUTOCAST_DTYPES
 
 K = 32  # active features per token for topk and batchtopk
@@ -64,9 +67,11 @@ def matmul_flops_per_second(batch: int, d_in: int, d_sae: int, repeats: int = 10
     return 2 * batch * d_in * d_sae * repeats / best
 
 
-def step_flops(arch: str, batch: int, d_in: int, d_sae: int) -> int:
+def step_flops(arch: str, batch: int, d_in: int, d_sae: int, device: torch.device = torch.device("cpu")) -> int:
     """The matmul FLOPs of one training step (see the module docstring)."""
     if arch in ("topk", "batchtopk"):
+        if sparse_backward_on(device):
+            return 2 * batch * d_in * d_sae + 8 * batch * K * d_in
         return 4 * batch * d_in * d_sae + 6 * batch * K * d_in
     return 10 * batch * d_in * d_sae
 
@@ -124,7 +129,7 @@ def main() -> None:
     rows = []
     print(f"{'arch':<10} {'autocast':<8} {'tokens/s':>10} {'GFLOP/s':>9} {'matmul GFLOP/s':>15} {'fraction':>9}")
     for (arch, autocast), elapsed in seconds.items():
-        achieved = step_flops(arch, args.batch_size, args.d_in, args.d_sae) * args.steps / elapsed
+        achieved = step_flops(arch, args.batch_size, args.d_in, args.d_sae, device) * args.steps / elapsed
         row = {"arch": arch, "autocast": autocast, "device": str(device), "threads": torch.get_num_threads(),
                "d_in": args.d_in, "d_sae": args.d_sae, "batch_size": args.batch_size, "steps": args.steps,
                "tokens_per_s": args.steps * args.batch_size / elapsed, "steps_per_s": args.steps / elapsed,

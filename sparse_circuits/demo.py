@@ -26,10 +26,11 @@ DEMO_LR = 3e-3
 # L0 <= 60 at blocks.8-10 on this budget: alpha 1e-3 gave held-out L0 165-183, 2e-3 52-64, 2.3e-3 37-48,
 # 3e-3 16-26 (6,000 held-out tokens; results/demo_sparsity/README.md).
 DEMO_L1 = 2.3e-3
-DEMO_EVAL_TOKENS = 6_000
+DEMO_EVAL_TOKENS = 4_000
 DEMO_IOI_PROMPTS = 24
 DEMO_IOI_BASELINES = ("pca", "neurons", "dense")
-DEMO_ERASE_KS = (1, 4, 16)
+DEMO_ERASE_KS = (1, 16)
+DEMO_ERASE_PROMPTS = 8  # test and transfer prompts per side (the train split is fitted whole)
 DEMO_ERASE_METHODS = ("sae_attribution", "sae_random", "leace", "mean_projection")
 DEMO_ERASE_STRENGTHS = (0.5, 1.0)  # every position setting (name, final, all) is run
 
@@ -182,5 +183,6 @@ def _erase_step(model, dictionaries: dict, out: Path) -> dict[str, str]:
                 str(out / "erasure_equal_removal.csv"), "erasure plot": str(out / "erasure.png")}
     sae = list(dictionaries.values())[-1]  # the deepest demo layer
     paths = run_erasure(model, {sae.cfg.hook_name: sae}, gender_concept(model.tokenizer), out, ks=DEMO_ERASE_KS,
-                        methods=DEMO_ERASE_METHODS, strengths=DEMO_ERASE_STRENGTHS)
+                        methods=DEMO_ERASE_METHODS, strengths=DEMO_ERASE_STRENGTHS,
+                        prompts_per_side=DEMO_ERASE_PROMPTS)
     return {f"erasure {name}": str(path) for name, path in paths.items()}

@@ -19,6 +19,7 @@ removal against damage to compare at equal removal, as the feature methods have 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -90,8 +91,7 @@ class LeaceMap:
 
     def eraser_on(self, device: torch.device):
         if device not in self.on_device:
-            from concept_erasure import LeaceEraser
-
+            LeaceEraser = leace_eraser_class()
             bias = None if self.eraser.bias is None else self.eraser.bias.to(device)
             self.on_device[device] = LeaceEraser(self.eraser.proj_left.to(device), self.eraser.proj_right.to(device),
                                                  bias)
@@ -114,11 +114,18 @@ class MeanDifferenceProjection:
         return (x64 - along[..., None] * direction).to(x.dtype)
 
 
+def leace_eraser_class():
+    """concept_erasure.LeaceEraser, imported without the FutureWarning its package's `torch.jit.script` use raises on
+    torch 2.13 (a notice about torch's API, not about our inputs or results)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        from concept_erasure import LeaceEraser
+    return LeaceEraser
+
+
 def fit_leace(hook: str, activations: torch.Tensor, labels: torch.Tensor, method: str = "leace") -> Erasure:
     """LEACE fitted on activations [n, d] with binary labels [n] (package defaults: affine, shrinkage)."""
-    from concept_erasure import LeaceEraser
-
-    eraser = LeaceEraser.fit(activations.detach().cpu().double(), labels.cpu().double()[:, None])
+    eraser = leace_eraser_class().fit(activations.detach().cpu().double(), labels.cpu().double()[:, None])
     return Erasure(hook, method, None, ActivationMap(LeaceMap(eraser)))
 
 
