@@ -270,7 +270,7 @@ def run_budget(args, steps: int, store: str) -> dict:
 
     def run(task):
         library, spec, job = task
-        record = train_one(library, job, sys.executable if library == "ours" else args.saelens_python)
+        record = train_one(library, job, sys.executable if library == "ours" else args.saelens_python, args.reuse)
         print_row(steps, spec, library, record)
         return record
 
@@ -314,8 +314,10 @@ def spliced_ce(budgets: list[dict], n_contexts: int, threads: int) -> None:
     model = load_model("smollm2-135m", device="cpu")
     contexts = tokenize_contexts(load_corpus("registry"), model.tokenizer, 128, n_contexts, split="eval", seed=0)
     records = [record for budget in budgets for record in ce_candidates(budget["rows"])]
-    results = evaluate_dictionaries(model, [load_dictionary(record["folder"]) for record in records], contexts,
-                                    progress=False)
+    dictionaries = [load_dictionary(record["folder"]) for record in records]
+    for dictionary in dictionaries:  # SAELens' trainer, fed our batches, never knew the hook: its cfg leaves it empty
+        dictionary.cfg.hook_name = dictionary.cfg.hook_name or HOOK
+    results = evaluate_dictionaries(model, dictionaries, contexts, progress=False)
     for record, result in zip(records, results):
         record.update({"ce_increase": result["ce_loss_spliced"] - result["ce_loss_clean"], "kl": result["kl"],
                        "ce_tokens": n_contexts * 127})
@@ -362,6 +364,9 @@ def main() -> None:
     parser.add_argument("--out", default="compare_saelens_runs", help="folder for the trained dictionaries")
     parser.add_argument("--ce-contexts", type=int, default=0,
                         help="also measure the CE increase when spliced on this many held-out contexts of 128")
+    parser.add_argument("--ce-threads", type=int, help="torch threads of the spliced evaluation (default: --threads)")
+    parser.add_argument("--reuse", action="store_true", help="keep the records of dictionaries an earlier run of "
+                        "the same jobs trained (OUT/.../record.json): a rerun after an interruption")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.worker:
@@ -375,7 +380,7 @@ def main() -> None:
     stores = args.store * len(args.steps) if len(args.store) == 1 else args.store
     budgets = [run_budget(args, steps, store) for steps, store in zip(args.steps, stores)]
     if args.ce_contexts:
-        spliced_ce(budgets, args.ce_contexts, args.threads)
+        spliced_ce(budgets, args.ce_contexts, args.ce_threads or args.threads)
     report = {"command": " ".join(["python", "benchmarks/compare_saelens.py", *sys.argv[1:]]), "hook": HOOK,
               "threads": args.threads, "budgets": budgets, "wall_s": time.perf_counter() - started}
     for budget in budgets:
