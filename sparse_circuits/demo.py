@@ -26,9 +26,10 @@ DEMO_LR = 3e-3
 # L0 <= 60 at blocks.8-10 on this budget: alpha 1e-3 gave held-out L0 165-183, 2e-3 52-64, 2.3e-3 37-48,
 # 3e-3 16-26 (6,000 held-out tokens; results/demo_sparsity/README.md).
 DEMO_L1 = 2.3e-3
-DEMO_EVAL_TOKENS = 4_000
-DEMO_IOI_PROMPTS = 24
-DEMO_IOI_BASELINES = ("pca", "neurons", "dense")
+DEMO_EVAL_TOKENS = 2_000
+DEMO_IOI_PROMPTS = 16
+DEMO_IOI_CONFIRM = 20  # top features whose attribution is checked by exact patching
+DEMO_IOI_BASELINES = ("pca", "neurons")  # `sparse-circuits ioi --baselines dense,...` adds the others
 DEMO_ERASE_KS = (1, 16)
 DEMO_ERASE_PROMPTS = 8  # test and transfer prompts per side (the train split is fitted whole)
 DEMO_ERASE_METHODS = ("sae_attribution", "sae_random", "leace", "mean_projection")
@@ -136,7 +137,7 @@ def run_demo(out: Path | None = None, device: str = "auto", keep_intermediates: 
 
 
 def _ioi_step(model, sae, hook: str, corpus, out: Path) -> dict[str, str]:
-    from tasks.ioi import build_baselines, format_summary, run_ioi_benchmark
+    from tasks.ioi import SearchSettings, build_baselines, format_summary, run_ioi_benchmark
 
     _banner(4, 6, f"IOI feature patching at {hook}: SAE vs {', '.join(DEMO_IOI_BASELINES)} "
                   f"on {DEMO_IOI_PROMPTS} prompts")
@@ -150,7 +151,8 @@ def _ioi_step(model, sae, hook: str, corpus, out: Path) -> dict[str, str]:
         dictionaries = {"sae": sae}
         dictionaries.update(build_baselines(model, hook, DEMO_IOI_BASELINES, n_tokens=20_000, corpus=corpus,
                                             out_dir=out / "baselines"))
-        run_ioi_benchmark(model, dictionaries, hook, DEMO_IOI_PROMPTS, out)
+        run_ioi_benchmark(model, dictionaries, hook, DEMO_IOI_PROMPTS, out,
+                          settings=SearchSettings(confirm_top=DEMO_IOI_CONFIRM))
     return {"ioi curves": str(out / "curves.csv"), "ioi summary": str(summary), "ioi plot": str(out / "curves.png")}
 
 

@@ -227,6 +227,25 @@ def test_build_edits_makes_every_method(tiny_llama):
         assert covariance.abs().max() < 1e-3 * x.abs().max(), setting
 
 
+def test_one_pass_for_all_settings_equals_one_pass_per_setting(tiny_llama):
+    """run_erasure fits every setting from one pass over the train split: the same statistics as a pass each."""
+    from tasks.erasure.run import collect_train_statistics_for
+
+    sae = tiny_sae()
+    train = gender_concept(tiny_llama.tokenizer).train
+    together = collect_train_statistics_for(tiny_llama, {HOOK: sae}, train, 1, ["name", "final", "all"],
+                                            progress=False)
+    for setting in ("name", "final", "all"):
+        alone = collect_train_statistics(tiny_llama, {HOOK: sae}, train, 1, setting, progress=False)[HOOK]
+        joint = together[setting][HOOK]
+        assert joint.setting == setting
+        assert torch.equal(joint.position_activations, alone.position_activations)
+        assert torch.equal(joint.position_labels, alone.position_labels)
+        assert torch.allclose(joint.attribution, alone.attribution)
+        assert torch.equal(joint.active_features, alone.active_features)
+    assert len(together["final"][HOOK].position_activations) < len(together["all"][HOOK].position_activations)
+
+
 def test_position_settings_find_the_subject_and_not_the_examples(tiny_llama):
     """The name setting marks the subject in the final sentence (not a few-shot example's name), the final
     setting the last token, and all the span from after BOS, fitted from the name on."""

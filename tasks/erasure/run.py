@@ -51,6 +51,15 @@ def collect_train_statistics(model, dictionaries: dict[str, Dictionary], concept
                              progress: bool = True) -> dict[str, HookStatistics]:
     """One forward and backward pass over the train prompts: activations at the setting's fitted positions (and
     at the final and name positions, for the probes) and feature attributions summed over its applied positions."""
+    return collect_train_statistics_for(model, dictionaries, concept, start, [setting], batch_size=batch_size,
+                                        progress=progress)[setting]
+
+
+def collect_train_statistics_for(model, dictionaries: dict[str, Dictionary], concept: Concept, start: int,
+                                 settings: Sequence[str], *, batch_size: int = 16,
+                                 progress: bool = True) -> dict[str, dict[str, HookStatistics]]:
+    """`collect_train_statistics` for several position settings from the same passes ({setting: {hook: ...}}):
+    the forward and backward pass do not depend on the setting, only the positions read from them do."""
     token_ids = validate_concept(concept, model.tokenizer)
     prompts, labels = concept.prompts_and_labels()
     tokens, finals = tokenize_prompts(model.tokenizer, prompts)
@@ -58,44 +67,49 @@ def collect_train_statistics(model, dictionaries: dict[str, Dictionary], concept
     device = next(model.parameters()).device
     hooks = list(dictionaries)
     keys = ("final", "final_pass", "name", "name_pass", "positions", "labels")
-    parts = {hook: {key: [] for key in keys} for hook in hooks}
-    attribution = {hook: torch.zeros(d.n_features, dtype=torch.float64) for hook, d in dictionaries.items()}
-    active = {hook: torch.zeros(d.n_features, dtype=torch.bool) for hook, d in dictionaries.items()}
-    for begin in progress_bar(range(0, len(prompts), batch_size), desc=f"fit ({setting} positions)", unit="batch",
-                              enabled=progress):
+    parts = {(setting, hook): {key: [] for key in keys} for setting in settings for hook in hooks}
+    attribution = {(setting, hook): torch.zeros(dictionaries[hook].n_features, dtype=torch.float64)
+                   for setting in settings for hook in hooks}
+    active = {(setting, hook): torch.zeros(dictionaries[hook].n_features, dtype=torch.bool)
+              for setting in settings for hook in hooks}
+    for begin in progress_bar(range(0, len(prompts), batch_size), desc=f"fit ({', '.join(settings)} positions)",
+                              unit="batch", enabled=progress):
         batch_tokens, batch_finals = tokens[begin:begin + batch_size].to(device), finals[begin:begin + batch_size]
         batch_labels = labels[begin:begin + batch_size]
-        masks = position_masks(setting, batch_tokens.cpu(), batch_finals, start, subjects)
         rows, final_index = torch.arange(len(batch_finals), device=device), batch_finals.to(device)
         with torch.enable_grad():
             run = run_with_edits(model, batch_tokens, record=hooks, leaves=hooks)
             metric = signed_logit_diffs(run.output[rows, final_index], batch_labels, token_ids)
             grads = torch.autograd.grad(metric.sum(), [run.leaves[hook] for hook in hooks])
-        for (hook, dictionary), grad in zip(dictionaries.items(), grads):
-            activation = run.recorded[hook].detach()
-            passthrough = passthrough_positions(activation)
-            applied = masks.apply.to(device) & ~passthrough
-            fitted = masks.fit.to(device) & ~passthrough
-            part = parts[hook]
-            part["final"].append(_rows_at(activation, batch_finals).cpu())
-            part["final_pass"].append(_rows_at(passthrough, batch_finals).cpu())
-            if masks.names is not None:
-                part["name"].append(_rows_at(activation, masks.names).cpu())
-                part["name_pass"].append(_rows_at(passthrough, masks.names).cpu())
-            part["positions"].append(activation[fitted].cpu())
-            part["labels"].append(batch_labels[:, None].expand(fitted.shape)[fitted.cpu()])
-            with torch.no_grad():
-                drop, fired = feature_attribution(dictionary, activation, grad, applied)
-            attribution[hook] += drop
-            active[hook] |= fired
-    statistics = {}
-    for hook in hooks:
-        part = parts[hook]
-        named = bool(part["name"])
-        statistics[hook] = HookStatistics(
-            torch.cat(part["final"]), labels, attribution[hook] / len(prompts), torch.cat(part["positions"]),
-            torch.cat(part["labels"]), active[hook], torch.cat(part["final_pass"]),
-            torch.cat(part["name"]) if named else None, torch.cat(part["name_pass"]) if named else None, setting)
+        for setting in settings:
+            masks = position_masks(setting, batch_tokens.cpu(), batch_finals, start, subjects)
+            for (hook, dictionary), grad in zip(dictionaries.items(), grads):
+                activation = run.recorded[hook].detach()
+                passthrough = passthrough_positions(activation)
+                applied = masks.apply.to(device) & ~passthrough
+                fitted = masks.fit.to(device) & ~passthrough
+                part = parts[setting, hook]
+                part["final"].append(_rows_at(activation, batch_finals).cpu())
+                part["final_pass"].append(_rows_at(passthrough, batch_finals).cpu())
+                if masks.names is not None:
+                    part["name"].append(_rows_at(activation, masks.names).cpu())
+                    part["name_pass"].append(_rows_at(passthrough, masks.names).cpu())
+                part["positions"].append(activation[fitted].cpu())
+                part["labels"].append(batch_labels[:, None].expand(fitted.shape)[fitted.cpu()])
+                with torch.no_grad():
+                    drop, fired = feature_attribution(dictionary, activation, grad, applied)
+                attribution[setting, hook] += drop
+                active[setting, hook] |= fired
+    statistics = {setting: {} for setting in settings}
+    for setting in settings:
+        for hook in hooks:
+            part = parts[setting, hook]
+            named = bool(part["name"])
+            statistics[setting][hook] = HookStatistics(
+                torch.cat(part["final"]), labels, attribution[setting, hook] / len(prompts),
+                torch.cat(part["positions"]), torch.cat(part["labels"]), active[setting, hook],
+                torch.cat(part["final_pass"]), torch.cat(part["name"]) if named else None,
+                torch.cat(part["name_pass"]) if named else None, setting)
     return statistics
 
 
@@ -280,10 +294,10 @@ def run_erasure(model, dictionaries: dict[str, Dictionary], concept_splits: Conc
     start = 1 if model.tokenizer.bos_token_id is not None else 0
     contexts = held_out_contexts(model, ce_tokens, corpus, context_size, seed)
 
-    edits, statistics, chosen = [Erasure(hook) for hook in dictionaries], {}, {}
+    edits, chosen = [Erasure(hook) for hook in dictionaries], {}
+    statistics = collect_train_statistics_for(model, dictionaries, train, start, settings, batch_size=batch_size,
+                                              progress=progress)  # one pass over the train split for all settings
     for setting in settings:
-        statistics[setting] = collect_train_statistics(model, dictionaries, train, start, setting,
-                                                       batch_size=batch_size, progress=progress)
         setting_edits, chosen[setting] = build_edits(dictionaries, statistics[setting], ks, methods, seed, strengths)
         edits += setting_edits
     test_results = evaluate_on_prompts(model, edits, test, start, batch_size=batch_size, progress=progress)
