@@ -163,22 +163,25 @@ class SparseAutoencoder(Dictionary):
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae] encoder outputs before the nonlinearity."""
+        x, bias = self._encoder_input(x)
+        return affine(x, self.W_enc, bias)
+
+    def selectable_pre_activations(self, x: torch.Tensor) -> SelectablePreActivations:
+        """`pre_activations` of a batch [tokens, d_in] computed once without a graph; a training loss then takes the
+        entries it uses with a gradient computed at those entries alone (sae/sparse_backward.py)."""
+        x, bias = self._encoder_input(x)
+        return SelectablePreActivations(x, self.W_enc, bias)
+
+    def _encoder_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, bias) with input @ W_enc + bias = the pre-activations: (x - b_dec, b_enc) when
+        cfg.apply_b_dec_to_input, else (x, b_enc)."""
         bias = self.b_enc
         if self.cfg.apply_b_dec_to_input:
             # Equal to (x - b_dec) @ W_enc + b_enc. b_dec's gradient enters through a term whose value is
             # exactly zero, so training skips a [batch, d_in] matmul that autograd would only sum over.
             bias = bias + (self.b_dec.detach() - self.b_dec) @ self.W_enc.detach()
             x = x - self.b_dec.detach()
-        return affine(x, self.W_enc, bias)
-
-    def selectable_pre_activations(self, x: torch.Tensor) -> SelectablePreActivations:
-        """`pre_activations` of a batch [tokens, d_in] computed once without a graph; a training loss then takes the
-        entries it uses with a gradient computed at those entries alone (sae.sparse_backward.py)."""
-        bias = self.b_enc
-        if self.cfg.apply_b_dec_to_input:  # as in pre_activations
-            bias = bias + (self.b_dec.detach() - self.b_dec) @ self.W_enc.detach()
-            x = x - self.b_dec.detach()
-        return SelectablePreActivations(x, self.W_enc, bias)
+        return x, bias
 
     @abc.abstractmethod
     def activation(self, pre: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def aux_k_loss(sae: SparseAutoencoder, scores: torch.Tensor, select: Selector, r
     k_aux = min(max(sae.d_in // 2, 1), sae.n_features)
     with torch.no_grad():
         top = (torch.relu(scores) * dead).topk(k_aux, dim=-1, sorted=False)
-    values, weights = _selected_codes(select, top.indices, decoder_norms)
+    _, weights = _selected_codes(select, top.indices, decoder_norms)
     weights = weights * dead[top.indices]  # fewer dead latents than k_aux: the others add nothing
     residual_hat = sae.gathered_rows(top.indices, weights)
     return (residual_hat - residual).pow(2).sum() / _residual_spread(residual, distributed).clamp_min(1e-12)
