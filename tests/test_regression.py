@@ -11,8 +11,15 @@ build), runs the SAME commands (COMMANDS below) through the console entry point
 (`sparse_circuits.cli.main` after the redesign, `circuits.cli.main` before it), and compares
 every output number to the recorded one.
 
+Recordings per CPU family: the pre-redesign code's own numbers differ between CPU families in the last digits
+(torch and MKL pick different vectorised kernels, hence different summation orders, on AVX-512 and AVX2), and a
+search on a random tiny model turns such a difference into a different feature count (12 vs 13) now and then. So
+the pre-redesign code was run on each family (RECORDINGS below), and an output passes when it matches one of
+them, at the tolerance below. Every recording is the OLD code's output; none was made with the current code.
+
 Tolerance: a number passes when it is within 1e-5 ABSOLUTE or within 1e-5 RELATIVE of the recorded
-value (`math.isclose(actual, expected, rel_tol=1e-5, abs_tol=1e-5)`); NaN matches only NaN, an
+value (`math.isclose(actual, expected, rel_tol=1e-5, abs_tol=1e-5)`), except the LOOSE columns (a wider relative
+tolerance, with the measurement that justifies it); NaN matches only NaN, an
 empty CSV cell only an empty cell. Strings, ids, feature indices, column names, row order and the
 JSON structure (keys, list lengths) must match exactly, except for the EXCLUDED fields below,
 which are not compared because they are not results.
@@ -32,6 +39,11 @@ import pytest
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "regression"
 EXPECTED = DATA / "expected"
+# The pre-redesign code's outputs, one folder per CPU family it was run on (see tests/data/regression/README.md).
+RECORDINGS = {
+    "AVX512": (EXPECTED, "Intel Xeon with AVX-512 and AMX, 2 Dec 2026"),
+    "AVX2": (DATA / "expected_avx2", "AMD EPYC with AVX2 only, 3 Dec 2026"),
+}
 CORPUS = DATA / "corpus.jsonl"
 CONTEXTS = DATA / "contexts.txt"
 MODELS = ("llama", "gpt2")
@@ -40,6 +52,14 @@ THREADS = 1  # results were recorded on one torch thread (reductions can differ 
 
 # Target feature of the trace runs, per model: an index of the blocks.3 dictionary that fires on contexts.txt.
 TRACE_FEATURE = {"llama": "blocks.3.hook_resid_post:49", "gpt2": "blocks.3.hook_resid_post:42"}
+
+# Columns compared at a wider relative tolerance, and why (measured by tests/data/regression/rounding_noise.py).
+LOOSE = {
+    "area_under_curve": (0.02, "the IOI curve's area is KL normalised by the unpatched KL, and the tiny models' KLs "
+                               "(1e-6 to 1e-4) sit at the float32 rounding level of their log-probabilities: the "
+                               "SAME code on 2 torch threads instead of 1 moves the area by 1e-4 (llama) and 1e-2 "
+                               "(gpt2, unpatched KL 2.4e-6) relative, so 1e-5 compares rounding, not results"),
+}
 
 # Fields that are not compared, and why. JSON keys, matched at any depth (the CSVs have none).
 EXCLUDED = {
@@ -60,6 +80,8 @@ CHANGED = {
 ADDED = {
     "n_layers": "issue 17: trace graph 'graph.n_layers' (the model's depth), so the HTML page can mark the "
                 "promoted/suppressed tokens of a feature far from the output as direct effects that say little",
+    "ig_steps": "issue 13: trace graph 'graph.ig_steps' (integrated-gradient steps; 1 is the plain attribution the "
+                "recorded code ran); the AVX512 recording carries it as 1, added by hand, and it is compared there",
     "provenance": "issue 16: trace graph 'graph.provenance' (model and dictionary sha256s, seed), so a graph names "
                   "exactly what it was traced from",
 }
@@ -181,13 +203,13 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _close(actual: float, expected: float) -> bool:
+def _close(actual: float, expected: float, rel_tol: float = TOLERANCE) -> bool:
     if math.isnan(expected) or math.isnan(actual):
         return math.isnan(expected) and math.isnan(actual)
-    return math.isclose(actual, expected, rel_tol=TOLERANCE, abs_tol=TOLERANCE)
+    return math.isclose(actual, expected, rel_tol=rel_tol, abs_tol=TOLERANCE)
 
 
-def compare_values(actual, expected, where: str, problems: list[str]) -> None:
+def compare_values(actual, expected, where: str, problems: list[str], key: str | None = None) -> None:
     if isinstance(expected, dict):
         if not isinstance(actual, dict):
             problems.append(f"{where}: expected an object, got {type(actual).__name__}")
@@ -200,7 +222,7 @@ def compare_values(actual, expected, where: str, problems: list[str]) -> None:
             wanted = expected[key]
             if key in CHANGED and wanted == CHANGED[key][0]:
                 wanted = CHANGED[key][1]
-            compare_values(actual[key], wanted, f"{where}.{key}", problems)
+            compare_values(actual[key], wanted, f"{where}.{key}", problems, key)
     elif isinstance(expected, list):
         if not isinstance(actual, list) or len(actual) != len(expected):
             problems.append(f"{where}: expected a list of {len(expected)}, got "
@@ -209,7 +231,7 @@ def compare_values(actual, expected, where: str, problems: list[str]) -> None:
         for index, (a, e) in enumerate(zip(actual, expected)):
             compare_values(a, e, f"{where}[{index}]", problems)
     elif _is_number(expected) and _is_number(actual):
-        if not _close(float(actual), float(expected)):
+        if not _close(float(actual), float(expected), LOOSE[key][0] if key in LOOSE else TOLERANCE):
             problems.append(f"{where}: {actual!r} != {expected!r}")
     elif expected != actual:
         problems.append(f"{where}: {actual!r} != {expected!r}")
@@ -260,6 +282,15 @@ def compare_files(actual: Path, expected: Path, changed: Path | None = None, key
     return problems
 
 
+def test_the_loose_tolerance_applies_to_its_column_only():
+    wanted = [{"dictionary": "sae", "area_under_curve": 0.60, "best_kl": 0.60}]
+    problems: list[str] = []
+    compare_values([{"dictionary": "sae", "area_under_curve": 0.606, "best_kl": 0.60}], wanted, "s", problems)
+    assert problems == []  # 1% off: within LOOSE's 2%
+    compare_values([{"dictionary": "sae", "area_under_curve": 0.63, "best_kl": 0.606}], wanted, "s", problems)
+    assert problems == ["s[0].area_under_curve: 0.63 != 0.6", "s[0].best_kl: 0.606 != 0.6"]
+
+
 # ---------------------------------------------------------------------------------------------
 # the test
 
@@ -271,25 +302,53 @@ def outputs(tiny_llama_folder, tiny_gpt2_folder, tmp_path_factory) -> dict[str, 
             for model in MODELS}
 
 
+def cpu_family() -> str:
+    """The vectorised kernel family torch dispatches to on this CPU (e.g. AVX512, AVX2, DEFAULT)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def problems_per_recording(actual: Path, model: str, name: str) -> dict[str, list[str]]:
+    """The differences of one output from each CPU family's recording of it."""
+    changed = CHANGES / model / name
+    keys = CHANGED_ROWS[name][0] if name in CHANGED_ROWS else ()
+    found = {}
+    for family, (folder, _) in RECORDINGS.items():
+        expected = folder / model / name
+        assert expected.exists(), f"no recording {expected}"
+        found[family] = compare_files(actual, expected, changed if changed.exists() else None, keys,
+                                      PROTOCOL_CHANGES.get(name))
+    return found
+
+
 @pytest.mark.parametrize("name", OUTPUTS)
 @pytest.mark.parametrize("model", MODELS)
 def test_outputs_match_the_pre_redesign_recording(outputs, model, name):
-    actual, expected = outputs[model] / name, EXPECTED / model / name
-    assert expected.exists(), f"no recording {expected}"
+    actual = outputs[model] / name
     assert actual.exists(), f"the command did not write {name}"
-    changed = CHANGES / model / name
-    keys = CHANGED_ROWS[name][0] if name in CHANGED_ROWS else ()
-    problems = compare_files(actual, expected, changed if changed.exists() else None, keys,
-                             PROTOCOL_CHANGES.get(name))
-    assert not problems, f"{model}/{name}: {len(problems)} differences, first 20:\n" + "\n".join(problems[:20])
+    found = problems_per_recording(actual, model, name)
+    if any(not problems for problems in found.values()):
+        return
+    here = cpu_family()
+    report = [f"{model}/{name} matches no recording of the pre-redesign code (this CPU: {here})"]
+    for family, problems in sorted(found.items(), key=lambda item: item[0] != here):
+        report.append(f"against the {family} recording ({RECORDINGS[family][1]}): {len(problems)} differences, "
+                      "first 10:")
+        report.extend(problems[:10])
+    pytest.fail("\n".join(report))
 
 
 # ---------------------------------------------------------------------------------------------
 # recording (run with the pre-redesign code only)
 
 
-def record() -> None:
+def record(target: Path = EXPECTED) -> None:
+    """Write the outputs of the code on the path (the pre-redesign checkout) under target/<model>/."""
     import tempfile
+
+    global KEEP_FAILED_PROMPTS
+    KEEP_FAILED_PROMPTS = []  # the pre-redesign `ioi` has no such flag: it always kept every prompt
 
     sys.path.insert(0, str(HERE))
     from conftest import save_tiny_model  # the conftest next to this file (record from the old checkout)
@@ -300,10 +359,10 @@ def record() -> None:
             folder = save_tiny_model(tmp / f"tiny_{model}", model)
             out = run_all(model, folder, tmp / f"work_{model}")
             for name in OUTPUTS:
-                target = EXPECTED / model / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(out / name, target)
-                print(f"recorded {target}")
+                destination = target / model / name
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out / name, destination)
+                print(f"recorded {destination}")
 
 
 def record_changes() -> None:
@@ -336,9 +395,9 @@ def record_changes() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--record"]:
-        record()
+    if sys.argv[1:2] == ["--record"] and len(sys.argv) <= 3:  # optional: the folder of this CPU family
+        record(Path(sys.argv[2]) if len(sys.argv) == 3 else EXPECTED)
     elif sys.argv[1:] == ["--record-changes"]:
         record_changes()
     else:
-        sys.exit("usage: python tests/test_regression.py --record (pre-redesign code only) | --record-changes")
+        sys.exit("usage: python tests/test_regression.py --record [FOLDER] (pre-redesign code only) | --record-changes")
