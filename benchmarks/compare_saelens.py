@@ -67,13 +67,17 @@ def fvu_at_l0(points: list[tuple[float, float]], l0: float) -> float | None:
 
 
 def matched_rows(ours: list[dict], theirs: list[dict]) -> list[dict]:
-    """For each of our ReLU points, SAELens' FVU interpolated at our L0, and the ratio (ours / theirs)."""
-    curve = [(row["l0"], row["fvu"]) for row in theirs]
+    """For each of our ReLU points, SAELens' FVU interpolated at our L0, and the ratio (ours / theirs); the same
+    for the spliced CE increase where every point has one."""
     rows = []
     for row in sorted(ours, key=lambda r: r["l0"]):
-        other = fvu_at_l0(curve, row["l0"])
+        other = fvu_at_l0([(record["l0"], record["fvu"]) for record in theirs], row["l0"])
         rows.append({"l1_coefficient": row["l1_coefficient"], "l0": row["l0"], "ours_fvu": row["fvu"],
                      "saelens_fvu_at_l0": other, "ratio": None if other is None else row["fvu"] / other})
+        if "ce_increase" in row and all("ce_increase" in record for record in theirs):
+            other = fvu_at_l0([(record["l0"], record["ce_increase"]) for record in theirs], row["l0"])
+            rows[-1].update({"ours_ce": row["ce_increase"], "saelens_ce_at_l0": other,
+                             "ce_ratio": None if other is None else row["ce_increase"] / other})
     return rows
 
 
@@ -287,16 +291,8 @@ def run_budget(args, steps: int, store: str) -> dict:
 
 
 def ce_candidates(rows: list[dict]) -> list[dict]:
-    """The records worth a spliced evaluation (it runs the model): both TopK dictionaries, and of the ReLU sweeps
-    the pair of ours and SAELens' whose L0s are closest (in log L0)."""
-    picked = [row[library] for row in rows if row["spec"]["architecture"] == "topk" for library in ("ours", "saelens")
-              if library in row]
-    relu = [row for row in rows if row["spec"]["architecture"] == "standard"]
-    pairs = [(abs(math.log(a["ours"]["l0"] / b["saelens"]["l0"])), a["ours"], b["saelens"]) for a in relu for b in relu
-             if "ours" in a and "saelens" in b]
-    if pairs:
-        picked += list(min(pairs, key=lambda pair: pair[0])[1:])
-    return picked
+    """The records of a spliced evaluation: every dictionary, so that CE too is interpolated at matched L0."""
+    return [row[library] for row in rows for library in ("ours", "saelens") if library in row]
 
 
 def spliced_ce(budgets: list[dict], n_contexts: int, threads: int) -> None:
@@ -381,12 +377,14 @@ def main() -> None:
     budgets = [run_budget(args, steps, store) for steps, store in zip(args.steps, stores)]
     if args.ce_contexts:
         spliced_ce(budgets, args.ce_contexts, args.ce_threads or args.threads)
+        for budget in budgets:
+            budget["matched_l0"] = matched(budget["rows"])
     report = {"command": " ".join(["python", "benchmarks/compare_saelens.py", *sys.argv[1:]]), "hook": HOOK,
               "threads": args.threads, "budgets": budgets, "wall_s": time.perf_counter() - started}
     for budget in budgets:
         for row in budget["matched_l0"]:
             print(f"steps {budget['steps']}: relu L0 {row['l0']:.1f}: ours FVU {row['ours_fvu']:.4f}, SAELens at that "
-                  f"L0 {row['saelens_fvu_at_l0']}, ratio {row['ratio']}")
+                  f"L0 {row['saelens_fvu_at_l0']}, ratio {row['ratio']}; CE ratio {row.get('ce_ratio')}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -28,7 +28,9 @@ _spec.loader.exec_module(compare)
 # Our recipe before issue 14, spelled out so that the table does not move when the defaults do.
 OLD_RECIPE = {"b_dec_init": "mean", "unit_norm_decoder": True, "decoder_init_norm": None, "grad_clip_norm": None,
               "lr_decay_fraction": 0.2, "l1_warmup_steps": None, "adam_betas": [0.9, 0.999]}  # + warm-up 5% (driver)
-SAELENS_LIKE = {"b_dec_init": "zero", "unit_norm_decoder": False, "decoder_init_norm": 0.1, "grad_clip_norm": 1.0,
+# SAELens clips at 1.0 on a loss summed over d_in; ours averages over d_in, so its clip is 1/d_in here ("auto"). The
+# ablation.md run (before this was seen) clipped at 1.0 in OUR units, 576x weaker: it never bound.
+SAELENS_LIKE = {"b_dec_init": "zero", "unit_norm_decoder": False, "decoder_init_norm": 0.1, "grad_clip_norm": "auto",
                 "lr_decay_fraction": 0.0, "lr_warmup_steps": 0, "l1_warmup_steps": 0}
 # name -> (what it changes, TrainingConfig overrides; "dictionary" holds DictionaryConfig overrides)
 VARIANTS = {  # in the order they are run (the likeliest causes first)
@@ -42,7 +44,10 @@ VARIANTS = {  # in the order they are run (the likeliest causes first)
                  "the encoder keeps the small init", {"decoder_init_norm": 0.1}),
     "free_decoder": ("decoder rows free, sparsity weighted by row norm (TopK: selection on pre x norm), init norm 1",
                      {"unit_norm_decoder": False}),
-    "clip_1": ("gradient norm clipped at 1.0 (SAELens)", {"grad_clip_norm": 1.0}),
+    "clip_1": ("gradient norm clipped at 1.0 in our loss's units (576x weaker than SAELens' clip; never binds)",
+               {"grad_clip_norm": 1.0}),
+    "clip_saelens": ("gradient norm clipped at 1/d_in: SAELens' clip at 1.0 in our loss's units (our default since)",
+                     {"grad_clip_norm": "auto", "unit_norm_decoder": False, "decoder_init_norm": 0.1}),
     "no_lr_decay": ("constant learning rate to the end (SAELens' default), not a linear decay over the last 20%",
                     {"lr_decay_fraction": 0.0}),
     "no_warmups": ("no learning-rate or L1 warm-up (SAELens' defaults)", {"lr_warmup_steps": 0, "l1_warmup_steps": 0}),

@@ -48,11 +48,16 @@ def test_overrides_are_json_values_or_strings(bench):
         "grad_clip_norm": 1.0, "b_dec_init": "zero", "adam_betas": [0.9, 0.99], "decoder_init_norm": None}
 
 
-def test_ce_candidates_are_the_topk_pair_and_the_closest_relu_pair(bench):
-    def row(architecture, ours_l0, theirs_l0):
-        return {"spec": {"architecture": architecture}, "ours": {"l0": ours_l0, "name": f"ours {ours_l0}"},
-                "saelens": {"l0": theirs_l0, "name": f"saelens {theirs_l0}"}}
+def test_ce_candidates_are_every_dictionary(bench):
+    rows = [{"spec": {"architecture": "topk"}, "ours": {"name": "ours topk"}, "saelens": {"name": "saelens topk"}},
+            {"spec": {"architecture": "standard"}, "saelens": {"name": "saelens relu"}}]
+    assert [record["name"] for record in bench.ce_candidates(rows)] == ["ours topk", "saelens topk", "saelens relu"]
 
-    rows = [row("topk", 60, 60), row("standard", 200, 150), row("standard", 80, 40), row("standard", 25, 10)]
-    names = [record["name"] for record in bench.ce_candidates(rows)]
-    assert names == ["ours 60", "saelens 60", "ours 200", "saelens 150"]  # log(200/150) is the smallest gap
+
+def test_matched_rows_interpolate_the_ce_increase_too(bench):
+    ours = [{"l1_coefficient": 1e-3, "l0": 50.0, "fvu": 0.27, "ce_increase": 0.3}]
+    theirs = [{"l0": 25.0, "fvu": 0.4, "ce_increase": 0.5}, {"l0": 100.0, "fvu": 0.2, "ce_increase": 0.3}]
+    [row] = bench.matched_rows(ours, theirs)
+    assert row["saelens_ce_at_l0"] == pytest.approx(0.4) and row["ce_ratio"] == pytest.approx(0.75)
+    [row] = bench.matched_rows(ours, [theirs[0], {"l0": 100.0, "fvu": 0.2}])
+    assert "ce_ratio" not in row  # not every SAELens point has a CE: no interpolation

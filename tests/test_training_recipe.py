@@ -121,11 +121,31 @@ def test_gradient_clipping_is_applied(tmp_path, data):
     assert moved[None] > 1e-2 and moved[1e-12] < 1e-4
 
 
+def test_auto_gradient_clip_is_saelens_clip_in_our_units(tmp_path, data):
+    """'auto' clips at 1/d_in (SAELens' 1.0 on a loss d_in times ours): the same weights as that explicit clip,
+    other weights than no clip."""
+    assert TrainingConfig(total_tokens=64, batch_size=64).clip_norm(576, free_rows=True) == 1 / 576
+    assert TrainingConfig(total_tokens=64, batch_size=64).clip_norm(576, free_rows=False) is None  # the paper's
+    assert TrainingConfig(total_tokens=64, batch_size=64, grad_clip_norm=None).clip_norm(576, True) is None
+    cfg = DictionaryConfig("standard", 16, 32, hook_name=HOOK, l1_coefficient=0.01)
+    weights = {}
+    for clip in ("auto", 1 / 16, None):
+        training = TrainingConfig(total_tokens=4 * 256, batch_size=256, lr=1e-2, checkpoint_every=None,
+                                  grad_clip_norm=clip, lr_decay_fraction=0.0)
+        [result] = train_dictionaries(TensorBatchSource({HOOK: data}), [cfg], training, tmp_path / str(clip),
+                                      progress=False)
+        weights[clip] = result.dictionary.W_enc.detach()
+    assert torch.equal(weights["auto"], weights[1 / 16])
+    assert not torch.allclose(weights["auto"], weights[None], atol=1e-4)
+
+
 def test_recipe_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="b_dec_init"):
         TrainingConfig(total_tokens=64, batch_size=64, b_dec_init="median")
     with pytest.raises(ValueError, match="grad_clip_norm"):
         TrainingConfig(total_tokens=64, batch_size=64, grad_clip_norm=0.0)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        TrainingConfig(total_tokens=64, batch_size=64, grad_clip_norm="max")
     x = torch.randn(64, 16)
     for cfg in (DictionaryConfig("standard", 16, 32, hook_name=HOOK, tied=True),
                 DictionaryConfig("jumprelu", 16, 32, hook_name=HOOK)):
@@ -152,3 +172,17 @@ def test_the_cli_constant_matches_the_library():
     from sparse_circuits import defaults
 
     assert defaults.TRAIN_DECODER_INIT_NORM == AUTO_DECODER_INIT_NORM
+
+
+def test_train_command_passes_its_gradient_clip_to_the_schedule():
+    import argparse
+
+    from sparse_circuits.cli.train import clip_norm
+    from sparse_circuits.pipelines.train import TrainRequest, training_schedule
+
+    assert clip_norm("auto") == "auto" and clip_norm("off") == "off" and clip_norm("0.5") == 0.5
+    with pytest.raises(argparse.ArgumentTypeError):
+        clip_norm("0")
+    for given, expected in (("auto", "auto"), (None, None), (0.5, 0.5)):
+        request = TrainRequest(hooks=[HOOK], tokens=4096, batch_size=256, grad_clip_norm=given)
+        assert training_schedule(request, 4096).grad_clip_norm == expected

@@ -9,6 +9,11 @@ from sae.finite import check_finite_number
 B_DEC_INITS = ("mean", "geometric_median", "zero")
 AUTOCAST_SETTINGS = ("bf16", "fp16")  # TrainingConfig.autocast (sae/training/precision.py)
 AUTO_DECODER_INIT_NORM = 0.1  # decoder_init_norm "auto" with free rows
+# grad_clip_norm "auto": SAELens clips its gradient's norm at 1.0, and its loss (squared error summed over the d_in
+# dimensions) is d_in times ours (averaged over them), so the same clip is AUTO_GRAD_CLIP / d_in here. At 146 steps
+# on SmolLM2 blocks.12 it took ReLU+L1 from L0 149 / FVU 0.193 to L0 100 / FVU 0.190 and TopK k=60 from FVU 0.183
+# to 0.178 (results/saelens/ablation_clip.md): Adam's second moments no longer carry the first steps' large gradients.
+AUTO_GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -39,7 +44,9 @@ class TrainingConfig:
     # initial decoder row norm (the encoder starts as the decoder's transpose); None: 1; "auto": 0.1 (SAELens,
     # Anthropic's April 2024 update) for SAEs trained with free rows, 1 for the others.
     decoder_init_norm: float | str | None = "auto"
-    grad_clip_norm: float | None = None  # clip the gradient's global norm at this value before each step; None: off
+    # clip each SAE's gradient (global norm) at this value before each step; "auto": AUTO_GRAD_CLIP / d_in (SAELens'
+    # clip, in our loss's units) for SAEs trained with free rows (SAELens' recipe), none for the others; None: off
+    grad_clip_norm: float | str | None = "auto"
     # Hold L0 at this target by steering the sparsity coefficient during the run (sae/training/control.py;
     # architectures with a coefficient only: TopK/BatchTopK get their L0 from k). None: the coefficient is fixed.
     target_l0: float | None = None
@@ -71,7 +78,7 @@ class TrainingConfig:
             raise ValueError(f"b_dec_init must be one of {list(B_DEC_INITS)}, got {self.b_dec_init!r}")
         for name in ("decoder_init_norm", "grad_clip_norm"):
             value = getattr(self, name)
-            if value is None or (name == "decoder_init_norm" and value == "auto"):
+            if value is None or value == "auto":
                 continue
             check_finite_number(name, value, minimum=0.0)
             if value <= 0:
@@ -99,6 +106,12 @@ class TrainingConfig:
         if self.decoder_init_norm == "auto":
             return AUTO_DECODER_INIT_NORM if free_rows else None
         return self.decoder_init_norm
+
+    def clip_norm(self, d_in: int, free_rows: bool) -> float | None:
+        """The gradient-norm clip of an SAE with d_in inputs, trained with free decoder rows or not (None: none)."""
+        if self.grad_clip_norm == "auto":
+            return AUTO_GRAD_CLIP / d_in if free_rows else None
+        return self.grad_clip_norm
 
     @property
     def total_steps(self) -> int:

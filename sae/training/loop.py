@@ -10,6 +10,8 @@ computes its own loss (`training_loss`; the formulas are in sae/relu.py, topk.py
 with decoder rows held at unit norm (the gradient along each row is removed before the Adam step and
 rows are renormalised after it), so a sparsity penalty cannot be dodged by shrinking codes. The sparsity
 coefficient ramps up linearly over l1_warmup_steps; the learning rate warms up, then decays linearly to 0.
+SAEs with free decoder rows (SAELens' recipe) also clip the gradient's norm at 1 / d_in (grad_clip_norm "auto":
+SAELens' clip at 1.0, whose loss sums over the d_in dimensions where this one averages).
 This loop knows no architecture: it asks the registry to build one and the SAE for its loss.
 
 When training ends, s is folded into the weights (`fold_input_scale_`: b_enc, b_dec and any threshold
@@ -200,8 +202,9 @@ def _training_step(trainee: Trainee, x: torch.Tensor, step: int, training: Train
     unscale_gradients(trainee.optimizer, trainee.scaler)  # so an fp16 overflow on one rank skips the step on all)
     if unit:
         remove_parallel_decoder_gradient(sae.W_dec)
-    if training.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
+    clip = training.clip_norm(sae.cfg.d_in, free_rows=not unit)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
     optimizer_step(trainee.optimizer, trainee.scaler)
     if unit:
         normalize_decoder_rows(sae.W_dec)

@@ -25,7 +25,8 @@ on each, with OUT on a file system all of them share.
 Recipes for strong dictionaries (10M tokens seen: the registry corpus's train split is 9.02M tokens, so
 --tokens 10000000 harvests all of it and --epochs 1.109 sees 10M; untied rows train free, as SAELens;
 --harvest-autocast bf16 halves the harvest on a CPU with AMX; on a GPU add --device cuda and torchrun,
-where 50M+ tokens of a larger corpus are practical). Measured in results/strong_l12/:
+where 50M+ tokens of a larger corpus are practical). Measured in results/strong_l12/ (before --grad-clip-norm
+auto was the default: add --grad-clip-norm off to reproduce those numbers; the clip lowers L0 at a given --l1):
   TopK:       train --hook blocks.12.hook_resid_post --arch topk --k 40 --untied --tokens 10000000
               --epochs 1.109 --batch-size 4096 --lr 3e-3 --harvest-autocast bf16
               --activations runs/store12 --out runs/topk40
@@ -35,6 +36,13 @@ where 50M+ tokens of a larger corpus are practical). Measured in results/strong_
               pilots are as long as the run; the paper's tied SAE: drop --untied, --lr 1e-3)
   then: sparse-circuits evaluate --sae runs/topk40 --tokens 16384
 Several hooks in one --out share one harvest (repeat --hook); --activations DIR reuses a store."""
+
+
+def clip_norm(text: str) -> float | str:
+    """--grad-clip-norm: "auto", "off" or a positive number."""
+    if text in ("auto", "off"):
+        return text
+    return positive_float(text)
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -79,6 +87,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "by token (the whole store when it fits: a full shuffle); peak memory is about twice "
                              "this while a block loads. It sets the batch order: resume with the same value "
                              "(default: 8192)")
+    parser.add_argument("--grad-clip-norm", type=clip_norm, default="auto", metavar="auto|off|C",
+                        help="clip each SAE's gradient norm at C before each step; auto (default): 1/d_in for SAEs "
+                             "with free decoder rows (--untied ReLU, TopK; SAELens' clip at 1.0 in our loss's units), "
+                             "none for tied ones (the paper's recipe); off: never")
     parser.add_argument("--resample-dead", action="store_true", help="resample dead features during training")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     parser.add_argument("--seed", type=seed, default=0, help="seed for context sampling, initialisation and batches")
@@ -149,7 +161,8 @@ def run(args) -> None:
         resample_dead=args.resample_dead, activations_dir=args.activations,
         store_memory_mb=args.store_memory_mb, target_l0=args.target_l0,
         pilot_tokens=args.pilot_tokens, harvest_autocast=args.harvest_autocast or args.autocast,
-        autocast=None if args.autocast == "off" else args.autocast)
+        autocast=None if args.autocast == "off" else args.autocast,
+        grad_clip_norm=None if args.grad_clip_norm == "off" else args.grad_clip_norm)
     corpus = load_corpus(args.corpus)
     distributed = Distributed.from_environment(resolve_device(args.device))
     try:

@@ -56,6 +56,7 @@ class TrainRequest:
     target_l0: float | None = None  # calibrate alpha (or k) per hook to this L0 instead of using the settings above
     pilot_tokens: int | None = None  # tokens per calibration pilot; None: a quarter of the run (at least 2^18)
     autocast: str | None = None  # "bf16" / "fp16" (CUDA): TrainingConfig.autocast; None: float32
+    grad_clip_norm: float | str | None = "auto"  # TrainingConfig.grad_clip_norm ("auto": SAELens' clip, free rows)
 
     def dictionary_configs(self, d_in_of, model_name: str) -> list[DictionaryConfig]:
         """One config per (hook, sparsity setting: the coefficients or the k values, whichever the architecture
@@ -198,6 +199,7 @@ def training_schedule(request: TrainRequest, harvested_tokens: int) -> TrainingC
         resample_dead=request.resample_dead, resample_every=request.resample_every,
         lr_warmup_steps=min(100, max(1, int(0.05 * request.epochs * harvested_tokens / request.batch_size))),
         dead_window_tokens=min(10_000_000, harvested_tokens), autocast=request.autocast,
+        grad_clip_norm=request.grad_clip_norm,
     )
 
 
