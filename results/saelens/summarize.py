@@ -42,12 +42,16 @@ def table(report: dict) -> str:
         if relu["ours"] and relu["saelens"]:
             speed.append((budget["steps"], "ReLU+L1 (means over the sweeps)", sum(relu["ours"]) / len(relu["ours"]),
                           sum(relu["saelens"]) / len(relu["saelens"])))
-    lines += ["", "FVU at matched L0 (ReLU+L1: SAELens' sweep interpolated in log L0 at our L0):", "",
-              "| steps | our L0 | our FVU | SAELens FVU at that L0 | ratio |", "|---|---|---|---|---|"]
+    lines += ["", "FVU and spliced CE increase at matched L0 (ReLU+L1: SAELens' sweep interpolated in log L0 at our "
+              "L0; CE where every sweep point has one):", "",
+              "| steps | our L0 | our FVU | SAELens FVU at that L0 | ratio | our CE increase | SAELens CE at that L0 | "
+              "ratio |", "|---|---|---|---|---|---|---|---|"]
     for budget in report["budgets"]:
         for row in budget["matched_l0"]:
             lines.append(f"| {budget['steps']} | {row['l0']:.1f} | {row['ours_fvu']:.4f} | "
-                         f"{fmt(row['saelens_fvu_at_l0'], '.4f')} | {fmt(row['ratio'], '.3f')} |")
+                         f"{fmt(row['saelens_fvu_at_l0'], '.4f')} | {fmt(row['ratio'], '.3f')} | "
+                         f"{fmt(row.get('ours_ce'), '.4f')} | {fmt(row.get('saelens_ce_at_l0'), '.4f')} | "
+                         f"{fmt(row.get('ce_ratio'), '.3f')} |")
     lines += ["", "Training speed, tokens per CPU-second (one torch thread each):", "",
               "| steps | dictionary | ours | SAELens | ratio |", "|---|---|---|---|---|"]
     lines += [f"| {steps} | {label} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |"
