@@ -81,11 +81,13 @@ def collect_train_statistics_for(model, dictionaries: dict[str, Dictionary], con
             run = run_with_edits(model, batch_tokens, record=hooks, leaves=hooks)
             metric = signed_logit_diffs(run.output[rows, final_index], batch_labels, token_ids)
             grads = torch.autograd.grad(metric.sum(), [run.leaves[hook] for hook in hooks])
-        for setting in settings:
-            masks = position_masks(setting, batch_tokens.cpu(), batch_finals, start, subjects)
-            for (hook, dictionary), grad in zip(dictionaries.items(), grads):
-                activation = run.recorded[hook].detach()
-                passthrough = passthrough_positions(activation)
+        masks_of = {setting: position_masks(setting, batch_tokens.cpu(), batch_finals, start, subjects)
+                    for setting in settings}
+        for (hook, dictionary), grad in zip(dictionaries.items(), grads):
+            activation = run.recorded[hook].detach()  # read once per hook; only the positions depend on the setting
+            passthrough = passthrough_positions(activation)
+            for setting in settings:
+                masks = masks_of[setting]
                 applied = masks.apply.to(device) & ~passthrough
                 fitted = masks.fit.to(device) & ~passthrough
                 part = parts[setting, hook]
